@@ -1,0 +1,3 @@
+from banger.cli import main
+
+raise SystemExit(main())

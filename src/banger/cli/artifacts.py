@@ -1,0 +1,68 @@
+"""`banger image ...` and `banger kernel ...`"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from banger.cli import output
+from banger.cli.lifecycle import call
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    images = call("image.list")["images"]
+    if args.json:
+        output.print_json(images)
+        return 0
+    output.print_table(
+        ["ID", "NAME", "MANAGED", "KERNEL", "SOURCE", "CREATED"],
+        [[i["id"][:8], i["name"], "yes" if i["managed"] else "no", i.get("kernel_ref") or "-",
+          i.get("source", ""), str(i.get("created_at", ""))[:19].replace("T", " ")] for i in images],
+    )
+    return 0
+
+
+def cmd_image_show(args: argparse.Namespace) -> int:
+    image = call("image.show", {"ref": args.image})
+    if args.json:
+        output.print_json(image)
+        return 0
+    keys = ("id", "name", "managed", "source", "kernel_ref", "rootfs_path", "kernel_path", "initrd_path",
+            "modules_path", "work_seed_path", "created_at")
+    print(output.kv_block([(k.replace("_", " "), image.get(k) if image.get(k) not in ("", None) else "-")
+                           for k in keys]))
+    return 0
+
+
+def _catalog_rows() -> list[dict[str, Any]]:
+    from banger.kernels import catalog
+
+    return [e.to_json() for e in catalog.load_catalog()]
+
+
+def cmd_kernel_list(args: argparse.Namespace) -> int:
+    if args.available:
+        entries = _catalog_rows()
+        if args.json:
+            output.print_json(entries)
+        else:
+            output.print_table(["NAME", "KIND", "DESCRIPTION"],
+                               [[e["name"], e["kind"], e.get("description", "")] for e in entries])
+        return 0
+    kernels = call("kernel.list")["kernels"]
+    if args.json:
+        output.print_json(kernels)
+        return 0
+    output.print_table(["NAME", "DISTRO", "ARCH", "VERSION", "IMPORTED"],
+                       [[k["name"], k["distro"], k["arch"], k["kernel_version"],
+                         str(k.get("imported_at", ""))[:19].replace("T", " ")] for k in kernels])
+    return 0
+
+
+def cmd_kernel_show(args: argparse.Namespace) -> int:
+    kernel = call("kernel.show", {"ref": args.kernel})
+    if args.json:
+        output.print_json(kernel)
+        return 0
+    print(output.kv_block([(k.replace("_", " "), v if v not in ("", None) else "-") for k, v in kernel.items()]))
+    return 0

@@ -1,0 +1,95 @@
+"""The daemon's side of the privilege seam.
+
+The daemon depends on `PrivilegedOps`, never on sockets: tests can inject a fake for fault injection,
+production uses `HelperClient`, which forwards the daemon's current op_id with every call so one
+`journalctl --grep op-…` finds both the daemon's and the helper's lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from banger import log as blog
+from banger.rpc import client as rpc_client
+
+log = logging.getLogger("banger.roothelper.client")
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class PrivilegedOps(Protocol):
+    """Everything the daemon may ask root for. Mirrors the helper's method allowlist."""
+
+    async def ping(self) -> dict[str, Any]: ...
+
+    async def ensure_bridge(self, name: str, ip: str, prefix: int) -> dict[str, Any]: ...
+
+    async def create_tap(self, name: str, bridge: str) -> dict[str, Any]: ...
+
+    async def delete_tap(self, name: str) -> dict[str, Any]: ...
+
+    async def delete_bridge(self, name: str) -> dict[str, Any]: ...
+
+    async def signal_process(self, pid: int, signal: str) -> dict[str, Any]: ...
+
+    async def kill_process(self, pid: int) -> dict[str, Any]: ...
+
+
+class HelperUnreachable(rpc_client.Unreachable):
+    """Nothing answers on the helper socket."""
+
+
+class HelperClient:
+    """`PrivilegedOps` over the helper's Unix socket; one connection per call."""
+
+    def __init__(self, socket_path: Path, *, system: bool, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.system = system
+        self.timeout = timeout
+
+    def _unreachable(self, detail: str) -> HelperUnreachable:
+        log.warning("root helper not reachable", extra={"socket": str(self.socket_path), "error": detail})
+        hint = (
+            "run: sudo banger system restart"
+            if self.system
+            else "run banger as root once so it can start the helper, or see banger doctor"
+        )
+        return HelperUnreachable(f"root helper not reachable at {self.socket_path}", hint=hint)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            return await rpc_client.acall(
+                self.socket_path, method, params, op_id=blog.current_op_id.get(), timeout=self.timeout
+            )
+        except rpc_client.Unreachable as exc:
+            raise self._unreachable(exc.message) from None
+        except ConnectionError as exc:
+            # The helper died or restarted mid-call.
+            raise self._unreachable(f"{method}: {exc}") from None
+
+    async def _call_dict(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = await self.call(method, params)
+        return result if isinstance(result, dict) else {"result": result}
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._call_dict("priv.ping")
+
+    async def ensure_bridge(self, name: str, ip: str, prefix: int) -> dict[str, Any]:
+        return await self._call_dict("priv.ensure_bridge", {"name": name, "ip": ip, "prefix": prefix})
+
+    async def create_tap(self, name: str, bridge: str) -> dict[str, Any]:
+        return await self._call_dict("priv.create_tap", {"name": name, "bridge": bridge})
+
+    async def delete_tap(self, name: str) -> dict[str, Any]:
+        return await self._call_dict("priv.delete_tap", {"name": name})
+
+    async def delete_bridge(self, name: str) -> dict[str, Any]:
+        return await self._call_dict("priv.delete_bridge", {"name": name})
+
+    async def signal_process(self, pid: int, signal: str) -> dict[str, Any]:
+        return await self._call_dict("priv.signal_process", {"pid": pid, "signal": signal})
+
+    async def kill_process(self, pid: int) -> dict[str, Any]:
+        return await self._call_dict("priv.kill_process", {"pid": pid})
