@@ -125,7 +125,7 @@ def validate_artifact_name(kind: str, name: str) -> str:
     """Image and kernel names: alphanumerics plus '.', '-', '_'; no traversal."""
     if not name:
         raise BadRequest(f"{kind} name is required")
-    if not _ARTIFACT_NAME.match(name) or ".." in name:
+    if not _ARTIFACT_NAME.fullmatch(name) or ".." in name:
         raise BadRequest(
             f"{kind} name {name!r} is invalid (allowed: letters, digits, '.', '-', '_'; "
             "must start with a letter or digit; at most 128 characters)"

@@ -278,3 +278,38 @@ def test_colour_only_on_tty_and_never_with_no_color(emb: Embedded) -> None:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
     assert "\033[32mPASS" in _run_on_tty(emb, env, "doctor")
     assert "\033[" not in _run_on_tty(emb, {**env, "NO_COLOR": "1"}, "doctor")
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "code", "message"),
+    [
+        ("vm.show", {}, "bad_request", "param 'ref' is required"),
+        ("vm.show", {"ref": 7}, "bad_request", "param 'ref' must be a string, got int"),
+        ("vm.show", {"ref": "x", "force": True}, "bad_request", "unknown param(s): force"),
+        ("vm.list", {"all": 1}, "bad_request", "unknown param(s): all"),
+        ("image.show", {"ref": ""}, "bad_request", "param 'ref' must not be empty"),
+        ("kernel.show", {"ref": "nope"}, "not_found", "no kernel named or with id 'nope'"),
+        ("daemon.operations.status", {"id": "op-000000"}, "not_found", "no operation 'op-000000'"),
+        ("daemon.operations.status", {"id": "op-000000", "wait": 61}, "bad_request",
+         "param 'wait' must be <= 60, got 61"),
+        ("vm.destroy_everything", {}, "unknown_method", "unknown method 'vm.destroy_everything'"),
+    ],
+)
+def test_daemon_rejects_bad_rpc_params(emb: Embedded, method: str, params: dict[str, object], code: str,
+                                       message: str) -> None:
+    emb.python(SEED_VMS.format(names=["keep-me"]))
+    emb.run("vm", "list", check=True)
+    probe = (
+        "import json, sys\nfrom banger import paths\nfrom banger.rpc import client, protocol\n"
+        f"try:\n    client.call(paths.resolve_user().daemon_socket, {method!r}, json.loads(sys.argv[1]))\n"
+        "except protocol.RpcError as e:\n    print(json.dumps([e.code, e.message, e.op_id]))\n"
+    )
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(params)], env=emb.env, capture_output=True,
+                         text=True, check=True).stdout
+    got_code, got_message, op_id = json.loads(out)
+    assert (got_code, got_message) == (code, message)
+    assert re.fullmatch(r"op-[0-9a-f]{6}", op_id)
+    # Nothing was written: the one seeded VM is still the only record.
+    assert [v["name"] for v in json.loads(emb.run("vm", "list", "--json", check=True).stdout)] == ["keep-me"]

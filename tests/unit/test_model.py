@@ -64,7 +64,7 @@ def test_resolve_ref_ambiguous_and_missing() -> None:
         model.resolve_ref("zzz", ITEMS)
 
 
-@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a" * 129, "a b"])
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a" * 129, "a b", "abc\n"])
 def test_bad_artifact_names(name: str) -> None:
     with pytest.raises(BadRequest):
         model.validate_artifact_name("image", name)

@@ -40,6 +40,7 @@ def _catalog_rows() -> list[dict[str, Any]]:
     return [e.to_json() for e in catalog.load_catalog()]
 
 
+
 def cmd_kernel_list(args: argparse.Namespace) -> int:
     if args.available:
         entries = _catalog_rows()
@@ -65,4 +66,22 @@ def cmd_kernel_show(args: argparse.Namespace) -> int:
         output.print_json(kernel)
         return 0
     print(output.kv_block([(k.replace("_", " "), v if v not in ("", None) else "-") for k, v in kernel.items()]))
+    return 0
+
+
+def cmd_kernel_pull(args: argparse.Namespace) -> int:
+    from banger.cli.progress import follow
+
+    begin = call("kernel.pull.begin", {"name": args.name})
+    kernel = follow(begin["op_id"], f"kernel {args.name}")
+    if args.json:
+        output.print_json(kernel)
+    else:
+        print(f"{kernel['name']}: {kernel['distro']} {kernel['kernel_version']} ({kernel['vmlinux_path']})")
+    return 0
+
+
+def cmd_kernel_rm(args: argparse.Namespace) -> int:
+    call("kernel.delete", {"ref": args.kernel})
+    print(f"deleted kernel {args.kernel}")
     return 0

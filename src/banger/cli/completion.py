@@ -91,7 +91,8 @@ def _live_names(kind: str) -> list[str]:
     from banger.rpc import client
 
     method, key = {"vm": ("vm.list", "vms"), "image": ("image.list", "images"),
-                   "kernel": ("kernel.list", "kernels")}.get(kind, ("", ""))
+                   "kernel": ("kernel.list", "kernels"),
+                   "kernel-catalog": ("kernel.catalog", "kernels")}.get(kind, ("", ""))
     if not method:
         return []
     try:

@@ -99,6 +99,12 @@ def build() -> argparse.ArgumentParser:
     p = _cmd(kernel_sub, "show", "show one kernel", "banger.cli.artifacts:cmd_kernel_show")
     _complete(p.add_argument("kernel", help="kernel name"), "kernel")
     _json(p)
+    p = _cmd(kernel_sub, "pull", "fetch a kernel from banger's catalog", "banger.cli.artifacts:cmd_kernel_pull",
+             "examples:\n  banger kernel pull debian-12-cloud\n  banger kernel list --available")
+    _complete(p.add_argument("name", help="catalog name (see `banger kernel list --available`)"), "kernel-catalog")
+    _json(p)
+    p = _cmd(kernel_sub, "rm", "delete a local kernel", "banger.cli.artifacts:cmd_kernel_rm", aliases=("delete",))
+    _complete(p.add_argument("kernel", help="kernel name"), "kernel")
 
     # doctor, system, ssh-config, version, completion
     p = _cmd(sub, "doctor", "check whether this host is ready", "banger.cli.doctor:cmd_doctor",

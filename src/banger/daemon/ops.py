@@ -35,6 +35,7 @@ class Operation:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     stages: tuple[tuple[str, float], ...] = ()
+    detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,10 +49,25 @@ class Operation:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "stages": [{"name": n, "at": t} for n, t in self.stages],
+            "detail": self.detail,
         }
 
 
-StageFn = Callable[[str], None]
+
+
+class Reporter:
+    """Handed to an operation's work: `stage()` from the loop, `detail()` also from worker threads."""
+
+    def __init__(self, registry: OperationRegistry, op_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._registry = registry
+        self._op_id = op_id
+        self._loop = loop
+
+    def stage(self, name: str) -> None:
+        self._registry._set_stage(self._op_id, name)
+
+    def detail(self, text: str) -> None:
+        self._loop.call_soon_threadsafe(self._registry._set_detail, self._op_id, text)
 
 
 class OperationRegistry:
@@ -60,22 +76,18 @@ class OperationRegistry:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._changed = asyncio.Event()
 
-    def begin(self, kind: str, target: str, work: Callable[[StageFn], Awaitable[Any]]) -> Operation:
-        """Start `work` in the background under the current op_id; it reports stages through its argument."""
+    def begin(self, kind: str, target: str, work: Callable[[Reporter], Awaitable[Any]]) -> Operation:
+        """Start `work` in the background under the current op_id; it reports through its Reporter."""
         op_id = blog.current_op_id.get() or blog.new_op_id()
         op = Operation(id=op_id, kind=kind, target=target)
         self._ops[op_id] = op
-
-        def stage(name: str) -> None:
-            current = self._ops[op_id]
-            self._ops[op_id] = replace(current, stage=name, stages=(*current.stages, (name, time.time())))
-            log.info("operation stage", extra={"kind": kind, "target": target, "stage": name})
-            self._notify()
+        loop = asyncio.get_running_loop()
+        reporter = Reporter(self, op_id, loop)
 
         async def runner() -> None:
             blog.current_op_id.set(op_id)
             try:
-                result = await work(stage)
+                result = await work(reporter)
             except asyncio.CancelledError:
                 self._finish(op_id, error={"code": "operation_failed", "message": "operation canceled"})
                 raise
@@ -87,9 +99,27 @@ class OperationRegistry:
             else:
                 self._finish(op_id, result=result)
 
-        self._tasks[op_id] = asyncio.get_running_loop().create_task(runner(), name=f"{kind}:{op_id}")
+        self._tasks[op_id] = loop.create_task(runner(), name=f"{kind}:{op_id}")
         self.prune()
         return op
+
+    def _set_stage(self, op_id: str, name: str) -> None:
+        current = self._ops[op_id]
+        self._ops[op_id] = replace(current, stage=name, detail="", stages=(*current.stages, (name, time.time())))
+        log.info("operation stage", extra={"kind": current.kind, "target": current.target, "stage": name})
+        self._notify()
+
+    def _set_detail(self, op_id: str, text: str) -> None:
+        current = self._ops.get(op_id)
+        if current is not None and not current.done:
+            self._ops[op_id] = replace(current, detail=text)
+            self._notify()
+
+    def find_running(self, kind: str, target: str) -> Operation | None:
+        for op in self._ops.values():
+            if op.kind == kind and op.target == target and not op.done:
+                return op
+        return None
 
     def _finish(self, op_id: str, *, result: Any = None, error: dict[str, Any] | None = None) -> None:
         current = self._ops[op_id]

@@ -87,13 +87,13 @@ def decode_request(line: bytes) -> Request:
             code=BAD_VERSION,
         )
     method = msg.get("method")
-    if not isinstance(method, str) or not METHOD_RE.match(method):
+    if not isinstance(method, str) or not METHOD_RE.fullmatch(method):
         raise BadRequest(f"request field 'method' must be a dotted lowercase name, got {method!r}")
     params = msg.get("params", {})
     if not isinstance(params, dict):
         raise BadRequest("request field 'params' must be a JSON object")
     op_id = msg.get("op_id")
-    if op_id is not None and (not isinstance(op_id, str) or not OP_ID_RE.match(op_id)):
+    if op_id is not None and (not isinstance(op_id, str) or not OP_ID_RE.fullmatch(op_id)):
         raise BadRequest(f"request field 'op_id' must look like op-1a2b3c, got {op_id!r}")
     unknown = set(msg) - {"v", "method", "params", "op_id"}
     if unknown:
