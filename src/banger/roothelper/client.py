@@ -36,6 +36,12 @@ class PrivilegedOps(Protocol):
 
     async def kill_process(self, pid: int) -> dict[str, Any]: ...
 
+    async def nat_add(self, vm_id: str, guest_ip: str, tap: str, uplink: str | None = None) -> dict[str, Any]: ...
+
+    async def nat_remove(self, vm_id: str) -> dict[str, Any]: ...
+
+    async def nat_list(self) -> list[dict[str, Any]]: ...
+
 
 class HelperUnreachable(rpc_client.Unreachable):
     """Nothing answers on the helper socket."""
@@ -93,3 +99,17 @@ class HelperClient:
 
     async def kill_process(self, pid: int) -> dict[str, Any]:
         return await self._call_dict("priv.kill_process", {"pid": pid})
+
+    async def nat_add(self, vm_id: str, guest_ip: str, tap: str, uplink: str | None = None) -> dict[str, Any]:
+        """Outbound NAT for one VM; without `uplink` the helper uses its default-route interface."""
+        params: dict[str, Any] = {"vm_id": vm_id, "guest_ip": guest_ip, "tap": tap}
+        if uplink is not None:
+            params["uplink"] = uplink
+        return await self._call_dict("priv.nat_add", params)
+
+    async def nat_remove(self, vm_id: str) -> dict[str, Any]:
+        return await self._call_dict("priv.nat_remove", {"vm_id": vm_id})
+
+    async def nat_list(self) -> list[dict[str, Any]]:
+        result = await self.call("priv.nat_list")
+        return [entry for entry in result if isinstance(entry, dict)] if isinstance(result, list) else []

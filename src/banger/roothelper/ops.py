@@ -7,8 +7,10 @@ request parser in `validate` and a handler here, and registering it in `METHODS`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -19,6 +21,7 @@ from typing import Any
 
 from banger import __version__
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
+from banger.network import nat
 from banger.roothelper import validate
 from banger.rpc.server import CallContext
 
@@ -208,6 +211,89 @@ async def delete_bridge(name: str) -> dict[str, Any]:
     return {"name": name, "deleted": True}
 
 
+# --- outbound NAT -------------------------------------------------------------------------------------
+
+# Serialises list -> plan -> apply: the rule handles in a listing are only valid until the next change,
+# and this helper is the only writer of the banger table.
+_nat_lock = asyncio.Lock()
+_BANGER_BRIDGES = f'must be on "{validate.BRIDGE_PREFIX}" or a "{validate.BRIDGE_PREFIX}-" bridge'
+
+
+async def _banger_bridge_of(ipr: Any, tap_name: str) -> tuple[str, list[ipaddress.IPv4Interface]]:
+    """The banger bridge the tap is attached to, and that bridge's IPv4 addresses."""
+    name = validate.quote(tap_name)
+    tap = await _get_link(ipr, tap_name)
+    if tap is None:
+        raise NotFound(f"tap {name} does not exist", hint="create it with priv.create_tap")
+    if not _is_tap(tap):
+        raise BadRequest(f"device {name} is not a tap")
+    master = tap.get("master")
+    bridges = await ipr.link("get", index=master) if master else []
+    bridge = bridges[0] if bridges else None
+    if bridge is None:
+        raise BadRequest(f"tap {name} is not attached to a banger bridge ({_BANGER_BRIDGES})")
+    bridge_name = str(bridge.get("ifname"))
+    try:
+        is_banger_bridge = _kind(bridge) == "bridge" and validate.bridge_name(bridge_name) == bridge_name
+    except BadRequest:
+        is_banger_bridge = False
+    if not is_banger_bridge:
+        raise BadRequest(
+            f"tap {name} is attached to {validate.quote(bridge_name)}, not a banger bridge ({_BANGER_BRIDGES})"
+        )
+    addresses = [
+        ipaddress.IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}")
+        async for msg in await ipr.addr("dump", index=bridge["index"])
+        if msg["family"] == 2  # AF_INET
+    ]
+    return bridge_name, addresses
+
+
+async def nat_add(req: validate.NatAddRequest) -> dict[str, Any]:
+    """Masquerade the guest's traffic out of the uplink: the VM's rules replaced in one transaction."""
+    async with _netlink(f"cannot set up NAT for vm {validate.quote(req.vm_id)}") as ipr:
+        bridge, addresses = await _banger_bridge_of(ipr, req.tap)
+        validate.guest_on_bridge(req.guest_ip, bridge, addresses)
+        uplink = req.uplink
+        if uplink is None:
+            uplink = await asyncio.to_thread(nat.default_uplink)
+            if uplink is None:
+                raise NotFound("there is no default route to take the uplink from", hint="pass uplink")
+            validate.uplink_name(uplink, "default-route interface")
+        if await _get_link(ipr, uplink) is None:
+            raise NotFound(f"uplink {validate.quote(uplink)} does not exist")
+    async with _nat_lock:
+        current = await nat.read_table()
+        replaced = len(nat.rules_of(req.vm_id, current))
+        await nat.apply(nat.plan_add(req.vm_id, req.guest_ip, req.tap, uplink, current))
+    # Only after the rules are in: a refused request leaves the host's forwarding setting alone.
+    try:
+        forwarding_enabled = nat.enable_ip_forward()
+    except OSError as exc:
+        raise BangerError(f"cannot enable IPv4 forwarding ({nat.IP_FORWARD}): {exc.strerror or exc}",
+                          hint=f"the rules are in place; remove them with priv.nat_remove {req.vm_id}") from None
+    log.info("nat enabled", extra={"vm_id": req.vm_id, "guest_ip": req.guest_ip, "tap": req.tap,
+                                   "uplink": uplink, "replaced_rules": replaced,
+                                   "ip_forward_enabled": forwarding_enabled})
+    return {"vm_id": req.vm_id, "guest_ip": req.guest_ip, "tap": req.tap, "uplink": uplink,
+            "ip_forward_enabled": forwarding_enabled}
+
+
+async def nat_remove(vm_id: str) -> dict[str, Any]:
+    """Delete the VM's rules, found by their comment in the kernel's listing; nothing to delete is fine."""
+    async with _nat_lock:
+        current = await nat.read_table()
+        removed = len(nat.rules_of(vm_id, current))
+        await nat.apply(nat.plan_remove(vm_id, current))
+    if removed:
+        log.info("nat removed", extra={"vm_id": vm_id, "rules": removed})
+    return {"vm_id": vm_id, "removed": removed}
+
+
+async def nat_list() -> list[dict[str, Any]]:
+    return [vm.as_dict() for vm in nat.list_vms(await nat.read_table())]
+
+
 # --- processes ----------------------------------------------------------------------------------------
 
 
@@ -268,6 +354,19 @@ async def _kill_process(cfg: HelperConfig, ctx: CallContext, params: dict[str, A
     return signal_vmm(validate.kill_process_request(params), cfg.roots)
 
 
+async def _nat_add(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    return await nat_add(validate.nat_add_request(params))
+
+
+async def _nat_remove(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    return await nat_remove(validate.nat_remove_request(params))
+
+
+async def _nat_list(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    validate.nat_list_request(params)
+    return await nat_list()
+
+
 METHODS: Mapping[str, MethodHandler] = {
     "priv.ping": _ping,
     "priv.ensure_bridge": _ensure_bridge,
@@ -276,4 +375,7 @@ METHODS: Mapping[str, MethodHandler] = {
     "priv.delete_bridge": _delete_bridge,
     "priv.signal_process": _signal_process,
     "priv.kill_process": _kill_process,
+    "priv.nat_add": _nat_add,
+    "priv.nat_remove": _nat_remove,
+    "priv.nat_list": _nat_list,
 }

@@ -28,6 +28,11 @@ TAP_PREFIX: Final = "tap-"
 PREFIX_MIN: Final = 8
 PREFIX_MAX: Final = 30
 PID_MAX: Final = 4194304  # kernel PID_MAX_LIMIT on 64-bit
+VM_ID_MIN: Final = 8
+VM_ID_MAX: Final = 32  # banger's ids are 32 hex digits; shorter prefixes are accepted for tests and tools
+# Guests NAT'ed by the helper must have an RFC 1918 address: masquerading any other source would let a
+# compromised daemon rewrite traffic that is not a guest's.
+PRIVATE_V4: Final = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 # Programs banger launches; only these may be signalled through the helper.
 VMM_PROGRAMS: Final = frozenset({"firecracker", "jailer", "qemu-system-x86_64", "vhost-device-vsock"})
@@ -45,6 +50,8 @@ SIGNALS: Final[Mapping[str, signal.Signals]] = {
 }
 
 _IFNAME_CHAR = re.compile(r"[a-z0-9-]")
+_UPLINK_CHAR = re.compile(r"[A-Za-z0-9_.-]")
+_VM_ID = re.compile(r"[0-9a-f]+")
 _PREFIX_STR = re.compile(r"^[0-9]{1,3}$")
 # Separators inside one argv element: `--api-sock=/x`, `file=/x,format=raw`, `unix:/x`.
 _ARG_SPLIT = re.compile(r"[=,:]")
@@ -107,6 +114,49 @@ def tap_name(value: object) -> str:
     return _ifname("tap name", value, TAP_PREFIX, f'must start with "{TAP_PREFIX}"', bare_ok=False)
 
 
+def is_banger_ifname(name: str) -> bool:
+    """A name banger gives its own bridges and taps."""
+    return name == BRIDGE_PREFIX or name.startswith((BRIDGE_PREFIX + "-", TAP_PREFIX))
+
+
+def uplink_name(value: object, what: str = "uplink") -> str:
+    """The host's interface to the outside (eth0, enp3s0, wlan0, br0, eth0.100, ...).
+
+    Any real interface name except loopback and banger's own bridges and taps, whose traffic is
+    exactly what is being NAT'ed. Characters are limited to what nft can quote without escaping.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string, got {_type_name(value)}")
+    if value in ("", ".", ".."):
+        raise BadRequest(f"{what} {quote(value)} is not a valid interface name")
+    if len(value) > IFNAME_MAX:
+        raise BadRequest(f"{what} {quote(value)} is {len(value)} characters; max is {IFNAME_MAX}")
+    for ch in value:
+        if not _UPLINK_CHAR.fullmatch(ch):
+            raise BadRequest(
+                f"{what} {quote(value)} has invalid character {quote(ch)} (allowed: a-z, A-Z, 0-9, '_', '.', '-')"
+            )
+    if value == "lo":
+        raise BadRequest(f"{what} {quote(value)} is not allowed (loopback cannot be an uplink)")
+    if is_banger_ifname(value):
+        raise BadRequest(
+            f"{what} {quote(value)} is not allowed (it is a banger bridge or tap name; "
+            "the uplink is the host's interface to the outside)"
+        )
+    return value
+
+
+def vm_id(value: object) -> str:
+    """A banger VM id: lowercase hex, 8 to 32 digits (it goes into the rules' comments verbatim)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"vm_id must be a string, got {_type_name(value)}")
+    if not (VM_ID_MIN <= len(value) <= VM_ID_MAX and _VM_ID.fullmatch(value)):
+        raise BadRequest(
+            f"vm_id {quote(value)} is not allowed (must be {VM_ID_MIN} to {VM_ID_MAX} lowercase hex digits)"
+        )
+    return value
+
+
 # --- addresses ----------------------------------------------------------------------------------------
 
 
@@ -131,7 +181,7 @@ def prefix_len(value: object) -> int:
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and _PREFIX_STR.match(value):
+    elif isinstance(value, str) and _PREFIX_STR.fullmatch(value):
         number = int(value)
     if number is None:
         raise BadRequest(f"prefix {quote(value)} is not a number (must be {PREFIX_MIN}..{PREFIX_MAX})")
@@ -148,6 +198,36 @@ def bridge_cidr(ip: str, prefix: int) -> None:
         raise BadRequest(f"bridge ip {quote(ip)} is the network address of {net}; use a host address")
     if addr == net.broadcast_address:
         raise BadRequest(f"bridge ip {quote(ip)} is the broadcast address of {net}; use a host address")
+
+
+def guest_ip(value: object) -> str:
+    """A unicast RFC 1918 address (the helper checks it against the tap's bridge separately)."""
+    ip = ipv4_address(value, "guest ip")
+    if not any(ipaddress.IPv4Address(ip) in net for net in PRIVATE_V4):
+        nets = ", ".join(str(n) for n in PRIVATE_V4[:-1]) + f" or {PRIVATE_V4[-1]}"
+        raise BadRequest(f"guest ip {quote(ip)} is not allowed (must be a private address in {nets})")
+    return ip
+
+
+def guest_on_bridge(ip: str, bridge: str, addresses: Sequence[ipaddress.IPv4Interface]) -> None:
+    """`ip` must be a host address in a subnet the bridge has, other than the bridge's own address.
+
+    So the helper only ever masquerades addresses that can really be behind that bridge.
+    """
+    addr = ipaddress.IPv4Address(ip)
+    if not addresses:
+        raise BadRequest(f"bridge {quote(bridge)} has no IPv4 address, so guest ip {quote(ip)} cannot be on it")
+    for iface in addresses:
+        if addr == iface.ip:
+            raise BadRequest(f"guest ip {quote(ip)} is the address of bridge {quote(bridge)} itself")
+    for iface in addresses:
+        net = iface.network
+        if addr in net:
+            if net.prefixlen < 31 and addr in (net.network_address, net.broadcast_address):
+                raise BadRequest(f"guest ip {quote(ip)} is not a host address of {net} (bridge {quote(bridge)})")
+            return
+    nets = ", ".join(str(iface.network) for iface in addresses)
+    raise BadRequest(f"guest ip {quote(ip)} is not in the subnet of bridge {quote(bridge)} ({nets})")
 
 
 # --- processes ----------------------------------------------------------------------------------------
@@ -281,6 +361,14 @@ class SignalRequest:
     signal: signal.Signals
 
 
+@dataclass(frozen=True)
+class NatAddRequest:
+    vm_id: str
+    guest_ip: str
+    tap: str
+    uplink: str | None  # None: the interface of the default route
+
+
 def ping_request(params: Mapping[str, Any]) -> None:
     check_params("priv.ping", params)
 
@@ -319,3 +407,23 @@ def signal_process_request(params: Mapping[str, Any]) -> SignalRequest:
 def kill_process_request(params: Mapping[str, Any]) -> SignalRequest:
     check_params("priv.kill_process", params, required=("pid",))
     return SignalRequest(pid(params["pid"]), signal.SIGKILL)
+
+
+def nat_add_request(params: Mapping[str, Any]) -> NatAddRequest:
+    check_params("priv.nat_add", params, required=("vm_id", "guest_ip", "tap"), optional=("uplink",))
+    uplink = params.get("uplink")
+    return NatAddRequest(
+        vm_id(params["vm_id"]),
+        guest_ip(params["guest_ip"]),
+        tap_name(params["tap"]),
+        None if uplink is None else uplink_name(uplink),
+    )
+
+
+def nat_remove_request(params: Mapping[str, Any]) -> str:
+    check_params("priv.nat_remove", params, required=("vm_id",))
+    return vm_id(params["vm_id"])
+
+
+def nat_list_request(params: Mapping[str, Any]) -> None:
+    check_params("priv.nat_list", params)
