@@ -34,6 +34,24 @@ def cmd_image_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_pull(args: argparse.Namespace) -> int:
+    from banger.cli.progress import follow
+
+    begin = call("image.pull.begin", {"name": args.name})
+    image = follow(begin["op_id"], f"image {args.name}")
+    if args.json:
+        output.print_json(image)
+    else:
+        print(f"{image['name']}: {image['id'][:8]} (kernel {image['kernel_ref']}, {image['rootfs_path']})")
+    return 0
+
+
+def cmd_image_delete(args: argparse.Namespace) -> int:
+    deleted = call("image.delete", {"ref": args.image})
+    print(f"deleted image {deleted['deleted']} ({deleted['id'][:8]})")
+    return 0
+
+
 def _catalog_rows() -> list[dict[str, Any]]:
     from banger.kernels import catalog
 

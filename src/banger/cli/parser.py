@@ -58,6 +58,15 @@ def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _vm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="VM name (a DNS label; default: generated)")
+    _complete(p.add_argument("--image", help="image to boot (default: debian-bookworm)"), "image")
+    p.add_argument("--vcpu", type=int, help="virtual CPUs")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk-size", metavar="SIZE", help="work disk (/root) size, e.g. 8G")
+    p.add_argument("--nat", action="store_true", help="give the VM outbound network access")
+
+
 def build() -> argparse.ArgumentParser:
     root = BangerParser(prog="banger", description=ROOT_HELP, epilog=ROOT_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +84,44 @@ def build() -> argparse.ArgumentParser:
              "examples:\n  banger vm show brave-otter\n  banger vm show 3f2a --json")
     _complete(p.add_argument("vm", help="VM name, id or unique id prefix"), "vm")
     _json(p)
+    run_help = ("examples:\n"
+                "  banger vm run                      a fresh VM and a shell in it\n"
+                "  banger vm run --rm -- make test    run a command; its exit status is banger's\n"
+                "  banger vm run -d --name web --nat  start and leave it running\n")
+    p = _cmd(vm_sub, "run", "create a VM, wait for SSH, then a shell or `-- command`", "banger.cli.vm:cmd_run",
+             run_help)
+    _vm_flags(p)
+    p.add_argument("--rm", action="store_true", help="delete the VM when the session or command ends")
+    p.add_argument("-d", "--detach", action="store_true", help="leave the VM running; do not attach")
+    p = _cmd(vm_sub, "create", "create (and start) a VM", "banger.cli.vm:cmd_create",
+             "examples:\n  banger vm create --name dev --vcpu 2 --memory 2048\n  banger vm create --no-start")
+    _vm_flags(p)
+    p.add_argument("--no-start", action="store_true", help="create the VM without starting it")
+    _json(p)
+    for name, help_text, handler, aliases in (
+        ("start", "start stopped VMs", "cmd_start", ()),
+        ("stop", "stop running VMs gracefully", "cmd_stop", ()),
+        ("restart", "stop then start VMs", "cmd_restart", ()),
+        ("kill", "force-stop VMs (when `vm stop` hangs)", "cmd_kill", ()),
+        ("delete", "stop VMs and remove their disks (irreversible)", "cmd_delete", ("rm",)),
+    ):
+        p = _cmd(vm_sub, name, help_text, f"banger.cli.vm:{handler}", aliases=aliases)
+        _complete(p.add_argument("vms", nargs="+", metavar="vm", help="VM names or ids"), "vm")
+    p = _cmd(vm_sub, "set", "change a VM's vcpu, memory, disk size or NAT", "banger.cli.vm:cmd_set",
+             "examples:\n  banger vm set dev --vcpu 4     (while stopped)\n  banger vm set dev --nat")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p.add_argument("--vcpu", type=int, help="virtual CPUs")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk-size", metavar="SIZE", help="grow the work disk, e.g. 16G")
+    p.add_argument("--nat", action=argparse.BooleanOptionalAction, default=None, help="outbound NAT on or off")
+    p = _cmd(vm_sub, "prune", "delete every VM that is not running", "banger.cli.vm:cmd_prune")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p = _cmd(vm_sub, "logs", "show a VM's console log", "banger.cli.vm:cmd_logs")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    p = _cmd(vm_sub, "ssh", "ssh into a VM (`-- cmd` runs a command)", "banger.cli.vm:cmd_ssh",
+             "examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
     p = _cmd(sub, "ps", "list VMs (same as `banger vm list`)", "banger.cli.vm:cmd_list")
     _json(p)
     p.add_argument("--ids", action="store_true", help="print only the short ids")
@@ -88,6 +135,14 @@ def build() -> argparse.ArgumentParser:
     p = _cmd(image_sub, "show", "show one image", "banger.cli.artifacts:cmd_image_show")
     _complete(p.add_argument("image", help="image name or id"), "image")
     _json(p)
+    p = _cmd(image_sub, "pull", "build or fetch an image from banger's catalog",
+             "banger.cli.artifacts:cmd_image_pull",
+             "examples:\n  banger image pull debian-bookworm\n  banger image pull debian-bookworm-full --json")
+    _complete(p.add_argument("name", help="catalog name (e.g. debian-bookworm)"), "image-catalog")
+    _json(p)
+    p = _cmd(image_sub, "delete", "delete an image (refused while a VM uses it)",
+             "banger.cli.artifacts:cmd_image_delete", aliases=("rm",))
+    _complete(p.add_argument("image", help="image name, id or unique id prefix"), "image")
 
     # kernel
     kernel = _group(sub, "kernel", "manage guest kernels", "Guest kernels, local and from the catalog.",
@@ -111,12 +166,39 @@ def build() -> argparse.ArgumentParser:
              "examples:\n  banger doctor\n  banger doctor --json")
     _json(p)
     system = _group(sub, "system", "the banger services", "The owner daemon and the root helper.",
-                    "examples:\n  banger system status\n  banger system stop")
+                    "examples:\n  banger system status\n  sudo banger system install --owner $USER\n"
+                    "  banger system stop")
     system_sub = system.add_subparsers(dest="system_command", metavar="<command>", parser_class=BangerParser)
-    p = _cmd(system_sub, "status", "show the daemon and root helper", "banger.cli.system:cmd_status")
+    p = _cmd(system_sub, "status", "show the services, sockets, versions and install metadata",
+             "banger.cli.install:cmd_status")
     _json(p)
-    _cmd(system_sub, "stop", "stop the embedded daemon and helper (no system install)",
-         "banger.cli.system:cmd_stop")
+    p = _cmd(system_sub, "install", "install banger for an owner user and start its services (root)",
+             "banger.cli.install:cmd_install",
+             "examples:\n  sudo banger system install --owner $USER\n"
+             "  sudo banger system install --owner alice --from banger-0.2.0-linux-amd64.tar.gz")
+    p.add_argument("--owner", required=True, metavar="USER", help="the unprivileged user the daemon runs as")
+    p.add_argument("--owner-home", metavar="DIR", help="the owner's home (default: from passwd)")
+    p.add_argument("--from", dest="from_tarball", metavar="TARBALL",
+                   help="install this release archive (default: build this source checkout)")
+    p = _cmd(system_sub, "uninstall", "stop the services and remove the install (root)",
+             "banger.cli.install:cmd_uninstall",
+             "examples:\n  sudo banger system uninstall          keep VMs, images and config\n"
+             "  sudo banger system uninstall --purge  remove them too (never the owner's home)")
+    p.add_argument("--purge", action="store_true", help="also remove /var/lib/banger, /var/cache/banger, "
+                   "/etc/banger and the logs")
+    _cmd(system_sub, "start", "start the services when systemd does not supervise them (root)",
+         "banger.cli.install:cmd_start")
+    _cmd(system_sub, "restart", "restart the root helper, then the daemon (root)", "banger.cli.install:cmd_restart")
+    _cmd(system_sub, "stop", "stop the daemon and the root helper", "banger.cli.install:cmd_stop")
+    p = _cmd(sub, "update", "update a system install to a signed release (root)", "banger.cli.update:cmd_update",
+             "examples:\n  banger update --check\n  sudo banger update\n  sudo banger update --to v0.2.0 --dry-run")
+    p.add_argument("--check", action="store_true", help="only say whether an update is available")
+    p.add_argument("--to", metavar="vX.Y.Z", help="this version instead of the latest stable one")
+    p.add_argument("--dry-run", action="store_true", help="download, verify and stage, but do not swap")
+    p.add_argument("--force", action="store_true", help="update even while operations are in flight")
+    # Hidden, for tests: another release server and another signing key.
+    p.add_argument("--manifest-url", help=argparse.SUPPRESS)
+    p.add_argument("--pubkey-file", help=argparse.SUPPRESS)
     p = _cmd(sub, "ssh-config", "wire `ssh <name>.vm` into your ssh config", "banger.cli.sshconfig:cmd_ssh_config",
              "examples:\n  banger ssh-config             show the include line\n"
              "  banger ssh-config --install   add it to ~/.ssh/config\n")
@@ -141,7 +223,17 @@ def build() -> argparse.ArgumentParser:
 
 def dispatch(argv: list[str]) -> int:
     parser = build()
+    # Everything after `--` is the guest command, never banger's flags.
+    command: list[str] | None = None
+    if "--" in argv and argv[:1] != ["__complete"]:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.command_argv = command
+    if command is not None and getattr(args, "handler", None) not in _TAKES_COMMAND:
+        from banger.errors import BadRequest
+
+        raise BadRequest("`-- <command>` only goes with `banger vm run` and `banger vm ssh`")
     if args.version:
         from banger import buildinfo
 
@@ -158,6 +250,9 @@ def dispatch(argv: list[str]) -> int:
     module_name, _, func_name = handler.partition(":")
     func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), func_name)
     return func(args)
+
+
+_TAKES_COMMAND = {"banger.cli.vm:cmd_run", "banger.cli.vm:cmd_ssh"}
 
 
 def _subparser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.ArgumentParser:

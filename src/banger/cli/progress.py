@@ -33,7 +33,7 @@ def follow(op_id: str, label: str, *, quiet: bool = False) -> Any:
             sys.stderr.flush()
         if op["done"]:
             if last_line:
-                sys.stderr.write(("\r\033[K" if tty else "\n"))
+                sys.stderr.write("\r\033[K" if tty else "\n")
                 sys.stderr.flush()
             if op.get("error"):
                 err = op["error"]

@@ -54,3 +54,266 @@ def cmd_show(args: argparse.Namespace) -> int:
         pairs.append(("workspace", vm["workspace"].get("guest_path")))
     print(output.kv_block(pairs))
     return 0
+
+
+# --- lifecycle -------------------------------------------------------------------------------------
+
+def _create_params(args: argparse.Namespace) -> dict[str, Any]:
+    from banger import model, units
+    from banger.errors import BadRequest
+
+    params: dict[str, Any] = {"nat": bool(args.nat)}
+    if args.name:
+        model.validate_vm_name(args.name)
+        params["name"] = args.name
+    if args.image:
+        params["image"] = args.image
+    for flag, key in (("vcpu", "vcpu"), ("memory", "memory_mib")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise BadRequest(f"--{flag} must be a positive number, got {value}")
+            params[key] = value
+    if args.disk_size is not None:
+        try:
+            params["disk_size_bytes"] = units.parse_size(args.disk_size)
+        except ValueError as exc:
+            raise BadRequest(f"--disk-size {args.disk_size!r} is not a size (e.g. 8G, 512M): {exc}") from None
+    return params
+
+
+def _spec_line(vm: dict[str, Any]) -> str:
+    spec = vm["spec"]
+    return (f"spec: {spec['vcpu']} vcpu | {spec['memory_mib']} MiB | "
+            f"{output.size_short(int(spec['disk_size_bytes']))} disk | {vm['image_name']}")
+
+
+def _create(args: argparse.Namespace, *, start: bool = True) -> dict[str, Any]:
+    import sys
+
+    from banger.cli.progress import follow
+
+    params = _create_params(args)
+    if not start:
+        params["no_start"] = True
+    begin = call("vm.create.begin", params)
+    vm: dict[str, Any] = follow(begin["op_id"], "vm create")
+    sys.stderr.write(_spec_line(vm) + "\n")
+    return vm
+
+
+def _results(method: str, refs: list[str], verb: str) -> int:
+    import sys
+
+    results = call(method, {"refs": refs})["results"]
+    failed = 0
+    for r in results:
+        if r["ok"]:
+            print(f"{verb} {r['vm']['name'] if 'name' in r['vm'] else r['ref']}")
+        else:
+            failed += 1
+            err = r["error"]
+            hint = f"; {err['hint']}" if err.get("hint") else ""
+            sys.stderr.write(f"banger: {r['ref']}: {err['message']}{hint}\n")
+    return 1 if failed else 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    vm = _create(args, start=not args.no_start)
+    if args.json:
+        output.print_json(vm)
+    else:
+        print(f"{vm['name']} {vm['state']} {vm.get('guest_ip', '')}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _results("vm.start", args.vms, "started")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _results("vm.stop", args.vms, "stopped")
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    return _results("vm.restart", args.vms, "restarted")
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    return _results("vm.kill", args.vms, "killed")
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    return _results("vm.delete", args.vms, "deleted")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import sys
+    import time
+    from pathlib import Path
+
+    info = call("vm.logs", {"ref": args.vm})
+    path = Path(info["path"])
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        sys.stdout.buffer.write(f.read())
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def _ssh_info(ref: str) -> dict[str, Any]:
+    info: dict[str, Any] = call("vm.ssh_info", {"ref": ref})
+    return info
+
+
+def _ssh_argv(info: dict[str, Any], command: list[str] | None, tty: bool) -> list[str]:
+    from pathlib import Path
+
+    from banger.guest.ssh import ssh_argv
+
+    return ssh_argv(info["ip"], key=Path(info["key"]), known_hosts=Path(info["known_hosts"]),
+                    host_alias=info["alias"], command=command or None, tty=tty,
+                    control_dir=Path(info["control_dir"]) if info.get("control_dir") else None,
+                    batch=command is not None and not tty)
+
+
+def _wait_ssh(info: dict[str, Any]) -> None:
+    import time
+    from pathlib import Path
+
+    from banger.guest.ssh import wait_for_ssh
+
+    if info.get("control_dir"):
+        Path(info["control_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    wait_for_ssh(info["ip"], deadline=time.monotonic() + float(info["wait_timeout"]), key=Path(info["key"]),
+                 known_hosts=Path(info["known_hosts"]), alias=info["alias"], vm_name=info["name"],
+                 control_dir=Path(info["control_dir"]) if info.get("control_dir") else None)
+
+
+def _run_ssh(argv: list[str]) -> int:
+    from banger.system import run
+
+    proc = run.spawn(argv, stdin=None, stdout=None, stderr=None, inherit_env=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def _reminder(name: str) -> None:
+    import sys
+
+    try:
+        vm = call("vm.show", {"ref": name}, autostart=False)
+    except Exception:
+        return
+    if vm.get("state") == "running":
+        sys.stderr.write(f"vm {name} is still running (stop with `banger vm stop {name}`, "
+                         f"remove with `banger vm delete {name}`)\n")
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    import sys
+
+    info = _ssh_info(args.vm)
+    command = list(args.command_argv or [])
+    tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
+    rc = _run_ssh(_ssh_argv(info, command, tty))
+    if not command:
+        _reminder(info["name"])
+    return rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import sys
+
+    from banger.errors import BadRequest, BangerError
+
+    command = list(args.command_argv or [])
+    if args.detach and args.rm:
+        raise BadRequest("-d/--detach and --rm cannot be combined (a detached VM is meant to stay)")
+    if args.detach and command:
+        raise BadRequest("-d/--detach cannot run a command; drop `-- <cmd>` or drop -d")
+    vm = _create(args)
+    name = vm["name"]
+    try:
+        info = _ssh_info(name)
+        try:
+            _wait_ssh(info)
+        except BangerError as exc:
+            args.rm = False  # keep the VM for a post-mortem
+            raise BangerError(
+                f"vm {name} booted but SSH did not come up: {exc.message}",
+                hint=f"sshd is the likely suspect: see `banger vm logs {name}`; the VM is still running "
+                     f"for inspection (`banger vm delete {name}` to clean up)") from None
+        if args.detach:
+            print(f"{name} is running at {vm['guest_ip']} ({name}.vm); connect with `banger vm ssh {name}`")
+            return 0
+        tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
+        rc = _run_ssh(_ssh_argv(info, command, tty))
+        if not args.rm and not command:
+            _reminder(name)
+        return rc
+    finally:
+        if args.rm:
+            try:
+                call("vm.delete", {"refs": [name]}, timeout=60)
+            except KeyboardInterrupt:
+                sys.stderr.write(f"banger: interrupted while deleting {name}; run `banger vm delete {name}`\n")
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from banger import units
+    from banger.errors import BadRequest
+
+    params: dict[str, Any] = {"ref": args.vm}
+    if args.vcpu is not None:
+        params["vcpu"] = args.vcpu
+    if args.memory is not None:
+        params["memory_mib"] = args.memory
+    if args.disk_size is not None:
+        try:
+            params["disk_size_bytes"] = units.parse_size(args.disk_size)
+        except ValueError as exc:
+            raise BadRequest(f"--disk-size {args.disk_size!r} is not a size (e.g. 8G, 512M): {exc}") from None
+    if args.nat is not None:
+        params["nat"] = args.nat
+    if len(params) == 1:
+        raise BadRequest("nothing to set; give --vcpu, --memory, --disk-size, --nat or --no-nat")
+    vm = call("vm.set", params)
+    print(_spec_line(vm) + (" | nat" if vm["spec"].get("nat") else ""))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import sys
+
+    from banger.errors import BadRequest
+
+    victims = call("vm.prune", {"dry_run": True})["vms"]
+    if not victims:
+        print("nothing to prune (no stopped, created or failed VMs)")
+        return 0
+    if not args.force:
+        output.print_table(["ID", "NAME", "STATE", "IMAGE"],
+                           [[v["short_id"], v["name"], v["state"], v["image_name"]] for v in victims])
+        if not sys.stdin.isatty():
+            raise BadRequest("refusing to delete without confirmation on a non-interactive stdin; use -f")
+        answer = input(f"delete these {len(victims)} VM(s)? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    deleted = call("vm.prune", {})["vms"]
+    for v in deleted:
+        print(f"deleted {v['name']}")
+    return 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from banger import buildinfo, model
+from banger.errors import BangerError
 from banger.rpc.protocol import Params
 from banger.rpc.server import CallContext, Handler
 
@@ -70,6 +72,27 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         img = model.resolve_ref(p.get_str("ref", required=True), image_rows.list_images(d.store), kind="image")
         return img.to_json()
 
+    async def image_catalog(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.images import catalog
+
+        Params(raw, allowed=set())
+        return {"images": [e.to_json() for e in catalog.load_catalog()]}
+
+    async def image_pull_begin(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"name"})
+        name = p.get_str("name", required=True)
+        d.images.catalog_entry(name)  # a bad name fails the begin call itself
+        running = d.ops.find_running("image.pull", name)
+        if running is not None:  # concurrent pulls of one image coalesce
+            return {"op_id": running.id, "coalesced": True}
+        op = d.ops.begin("image.pull", name, lambda rep: d.images.pull(name, rep))
+        return {"op_id": op.id, "coalesced": False}
+
+    async def image_delete(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"ref"})
+        img = await d.images.delete(p.get_str("ref", required=True))
+        return {"deleted": img.name, "id": img.id}
+
     async def kernel_list(ctx: CallContext, raw: dict[str, Any]) -> Any:
         Params(raw, allowed=set())
         return {"kernels": [k.to_json() for k in kernel_rows.list_kernels(d.store)]}
@@ -79,6 +102,99 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         kernels = kernel_rows.list_kernels(d.store)
         k = model.resolve_ref(p.get_str("ref", required=True), kernels, key_id="name", kind="kernel")
         return k.to_json()
+
+    async def kernel_catalog(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.kernels import catalog
+
+        Params(raw, allowed=set())
+        return {"kernels": [e.to_json() for e in catalog.load_catalog()]}
+
+    async def kernel_pull_begin(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"name"})
+        name = p.get_str("name", required=True)
+        d.kernels.catalog_entry(name)  # a bad name fails the begin call itself
+        running = d.ops.find_running("kernel.pull", name)
+        if running is not None:  # concurrent pulls of one kernel coalesce
+            return {"op_id": running.id, "coalesced": True}
+        op = d.ops.begin("kernel.pull", name, lambda rep: d.kernels.pull(name, rep))
+        return {"op_id": op.id, "coalesced": False}
+
+    async def kernel_delete(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"ref"})
+        name = p.get_str("ref", required=True)
+        await d.kernels.delete(name)
+        return {"deleted": name}
+
+    async def vm_create_begin(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        d.vms.validate_spec(raw)  # bad input fails the begin call, before any operation exists
+        label = str(raw.get("name") or "(generated name)")
+        op = d.ops.begin("vm.create", label, lambda rep: d.vms.create(raw, rep.stage))
+        return {"op_id": op.id}
+
+    def fan_out(action: Callable[[model.VmRecord], Awaitable[Any]]) -> Handler:
+        async def handler(ctx: CallContext, raw: dict[str, Any]) -> Any:
+            p = Params(raw, allowed={"refs"})
+            refs = model.dedupe(p.get_str_list("refs", required=True))
+            snapshot = d.vms.all()
+
+            async def one(ref: str) -> dict[str, Any]:
+                try:
+                    vm = model.resolve_ref(ref, snapshot, kind="vm")
+                    result = await action(vm)
+                    return {"ref": ref, "ok": True, "vm": result}
+                except BangerError as exc:
+                    return {"ref": ref, "ok": False, "error": {"code": exc.code, "message": exc.message,
+                                                               "hint": exc.hint}}
+
+            return {"results": await asyncio.gather(*(one(r) for r in refs))}
+
+        return handler
+
+    async def do_start(vm: model.VmRecord) -> Any:
+        return (await d.vms.start(vm, lambda _s: None)).to_json()
+
+    async def do_stop(vm: model.VmRecord) -> Any:
+        return (await d.vms.stop(vm)).to_json()
+
+    async def do_kill(vm: model.VmRecord) -> Any:
+        return (await d.vms.stop(vm, force=True)).to_json()
+
+    async def do_restart(vm: model.VmRecord) -> Any:
+        stopped = await d.vms.stop(vm)
+        return (await d.vms.start(stopped, lambda _s: None)).to_json()
+
+    async def do_delete(vm: model.VmRecord) -> Any:
+        await d.vms.delete(vm)
+        return {"id": vm.id, "name": vm.name}
+
+    async def vm_logs(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"ref"})
+        vm = d.vms.resolve(p.get_str("ref", required=True))
+        return {"path": str(d.layout.vm_dir(vm.id) / "console.log"), "state": str(vm.state)}
+
+    async def vm_ssh_info(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"ref"})
+        vm = d.vms.resolve(p.get_str("ref", required=True))
+        if vm.state != model.VmState.RUNNING:
+            raise BangerError(f"vm {vm.name!r} is {vm.state}, not running", hint=f"start it: banger vm start {vm.name}")
+        return d.vms.ssh_info(vm)
+
+    async def vm_set(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon.vms import set_spec
+
+        vm = d.vms.resolve(Params(raw).get_str("ref", required=True))
+        return (await set_spec(d.vms, vm, raw)).to_json()
+
+    async def vm_prune(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"dry_run"})
+        victims = [vm for vm in d.vms.all() if vm.state != model.VmState.RUNNING]
+        if p.get_bool("dry_run"):
+            return {"vms": [vm.to_json() for vm in victims]}
+        deleted = []
+        for vm in victims:
+            await d.vms.delete(vm)
+            deleted.append(vm.to_json())
+        return {"vms": deleted}
 
     table: dict[str, Callable[[CallContext, dict[str, Any]], Any]] = {
         "daemon.ping": ping,
@@ -90,7 +206,23 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "vm.show": vm_show,
         "image.list": image_list,
         "image.show": image_show,
+        "image.catalog": image_catalog,
+        "image.pull.begin": image_pull_begin,
+        "image.delete": image_delete,
         "kernel.list": kernel_list,
         "kernel.show": kernel_show,
+        "kernel.catalog": kernel_catalog,
+        "kernel.pull.begin": kernel_pull_begin,
+        "kernel.delete": kernel_delete,
+        "vm.create.begin": vm_create_begin,
+        "vm.start": fan_out(do_start),
+        "vm.stop": fan_out(do_stop),
+        "vm.kill": fan_out(do_kill),
+        "vm.restart": fan_out(do_restart),
+        "vm.delete": fan_out(do_delete),
+        "vm.logs": vm_logs,
+        "vm.ssh_info": vm_ssh_info,
+        "vm.set": vm_set,
+        "vm.prune": vm_prune,
     }
     return table

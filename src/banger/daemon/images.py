@@ -1,0 +1,160 @@
+"""The image service: pull from the catalog (coalescing concurrent pulls of one name), delete.
+
+A pull builds in `<images_dir>/.<name>.staging-*` (scratch in `.<name>.work-*` next to it), renames
+the staging directory to `<images_dir>/<image id>/` and only then inserts the row; any failure or
+cancellation removes whatever it made, so a failed pull leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger import model
+from banger.errors import AlreadyExists, BadRequest, NotFound
+
+if TYPE_CHECKING:
+    from banger.daemon.app import Daemon
+    from banger.daemon.ops import Reporter
+    from banger.images.catalog import CatalogEntry, GoldenImage
+    from banger.images.golden import GoldenResult
+
+log = logging.getLogger("banger.images")
+
+
+class _ThreadReporter:
+    """Lets the building thread report: `Reporter.stage` must run on the event loop."""
+
+    def __init__(self, rep: Reporter, loop: asyncio.AbstractEventLoop) -> None:
+        self._rep = rep
+        self._loop = loop
+
+    def stage(self, name: str) -> None:
+        self._loop.call_soon_threadsafe(self._rep.stage, name)
+
+    def detail(self, text: str) -> None:
+        self._rep.detail(text)
+
+
+class ImageService:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def catalog_entry(self, name: str) -> CatalogEntry:
+        from banger.images import catalog
+
+        model.validate_artifact_name("image", name)
+        try:
+            return catalog.load_catalog().get(name)
+        except NotFound as exc:
+            raise NotFound(exc.message, hint="a local image is pulled once; see `banger image list`") from exc
+
+    async def pull(self, name: str, rep: Reporter) -> dict[str, Any]:
+        from banger.images import catalog
+        from banger.store import kernels as kernel_rows
+
+        entry = self.catalog_entry(name)
+        if not isinstance(entry, catalog.GoldenImage):
+            raise BadRequest(f"image {name!r} is of kind {entry.kind!r}, which this version cannot pull yet",
+                             hint="use a golden image such as debian-bookworm")
+        async with self._lock(name):
+            self._refuse_existing(name)
+            if entry.kernel_ref not in {k.name for k in kernel_rows.list_kernels(self.d.store)}:
+                rep.stage(f"pulling kernel {entry.kernel_ref}")
+                await self.d.kernels.pull(entry.kernel_ref, rep)
+            record = await self._build_golden(entry, rep)
+            log.info("image pulled", extra={"image": name, "image_id": record.id})
+            return record.to_json()
+
+    def _refuse_existing(self, name: str) -> None:
+        from banger.store import images as rows
+
+        with contextlib.suppress(NotFound):
+            existing = rows.get_image_by_name(self.d.store, name)
+            raise AlreadyExists(f"image {name!r} already exists (id {existing.id[:model.SHORT_ID_LEN]})",
+                                hint=f"run `banger image delete {name}` first to build it again")
+
+    async def _build_golden(self, entry: GoldenImage, rep: Reporter) -> model.ImageRecord:
+        from banger.images import golden
+        from banger.store import db
+        from banger.store import images as rows
+
+        layout = self.d.layout
+        layout.images_dir.mkdir(parents=True, exist_ok=True)
+        variant = golden.GoldenVariant(name=entry.name, suite=entry.suite, variant=entry.variant,
+                                       kernel_ref=entry.kernel_ref, arch=entry.arch)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.staging-", dir=layout.images_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.work-", dir=layout.images_dir))
+        final: Path | None = None
+        cancel = threading.Event()
+        reporter = _ThreadReporter(rep, asyncio.get_running_loop())
+        task = asyncio.ensure_future(asyncio.to_thread(
+            golden.build_golden, variant, self.d.config.kernel_mirror, work, staging,
+            cache_dir=layout.downloads_dir, reporter=reporter, cancel=cancel))
+        try:
+            try:
+                result: GoldenResult = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # The thread cannot be killed: ask it to stop and wait, so nothing writes after cleanup.
+                cancel.set()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise
+            rep.stage("registering")
+            image_id = model.new_id()
+            os.chmod(staging, 0o755)  # mkdtemp made it 0700; the VMM (maybe jailed) reads these files
+            final = layout.image_dir(image_id)
+            os.rename(staging, final)
+            record = model.ImageRecord(
+                id=image_id, name=entry.name, managed=True,
+                rootfs_path=str(final / result.rootfs.name), kernel_path="", initrd_path="", modules_path="",
+                work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
+                kernel_ref=entry.kernel_ref, source=f"golden:{entry.name}", created_at=db.utc_now(),
+                extra={"init": "fast", **result.manifest})
+            rows.insert_image(self.d.store, record)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if final is not None:
+                await asyncio.to_thread(shutil.rmtree, final, True)
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        return record
+
+    async def delete(self, ref: str) -> model.ImageRecord:
+        from banger.store import images as rows
+
+        image = model.resolve_ref(ref, rows.list_images(self.d.store), kind="image")
+        async with self._lock(image.name):
+            users = rows.vms_using_image(self.d.store, image.id)
+            if users:
+                raise BadRequest(f"image {image.name!r} is used by {len(users)} vm(s): "
+                                 f"{', '.join(vm.name for vm in users)}", hint="delete those vms first")
+            directory = self.d.layout.image_dir(image.id)
+            aside: Path | None = None
+            if image.managed and directory.exists():
+                # Out of the way first, so a refused delete (a VM created meanwhile) can put it back.
+                aside = directory.with_name(f".{image.id}.deleting-{secrets.token_hex(4)}")
+                os.rename(directory, aside)
+            try:
+                rows.delete_image(self.d.store, image.id)  # re-checks the users atomically
+            except BaseException:
+                if aside is not None:
+                    os.rename(aside, directory)
+                raise
+            if aside is not None:
+                await asyncio.to_thread(shutil.rmtree, aside, True)
+            log.info("image deleted", extra={"image": image.name, "image_id": image.id})
+            return image
