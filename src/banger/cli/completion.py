@@ -92,7 +92,8 @@ def _live_names(kind: str) -> list[str]:
 
     method, key = {"vm": ("vm.list", "vms"), "image": ("image.list", "images"),
                    "kernel": ("kernel.list", "kernels"),
-                   "kernel-catalog": ("kernel.catalog", "kernels")}.get(kind, ("", ""))
+                   "kernel-catalog": ("kernel.catalog", "kernels"),
+                   "image-catalog": ("image.catalog", "images")}.get(kind, ("", ""))
     if not method:
         return []
     try:

@@ -225,7 +225,13 @@ def _reminder(name: str) -> None:
 def cmd_ssh(args: argparse.Namespace) -> int:
     import sys
 
+    from pathlib import Path
+
+    from banger.guest import knownhosts
+
     info = _ssh_info(args.vm)
+    if not knownhosts.lookup(Path(info["known_hosts"]), info["alias"]):
+        _wait_ssh(info)  # first contact: pin the host key (trust on first use)
     command = list(args.command_argv or [])
     tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
     rc = _run_ssh(_ssh_argv(info, command, tty))
