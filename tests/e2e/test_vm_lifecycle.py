@@ -164,14 +164,17 @@ def test_prune_removes_stopped(env: BangerNetns) -> None:
     _no_vm_leftovers(env)
 
 
-@pytest.mark.parametrize("stage", ["preparing disks", "network", "booting"])
+@pytest.mark.parametrize("stage", ["preparing disks", "network", "booting", "waiting for guest"])
 def test_daemon_killed_during_create_leaks_nothing(env: BangerNetns, stage: str) -> None:
     import subprocess as sp
     import sys
 
     links_before = set(env.links())
     name = "doomed-" + stage.split()[0]
-    proc = sp.Popen(env.exec_argv([sys.executable, "-m", "banger", "vm", "create", "--name", name]), env=env.env,
+    # The daemon is started fresh with a fault-injection delay at `stage`, so the kill lands inside it.
+    env.banger("system", "stop", check=True)
+    delayed = dict(env.env, BANGER_TEST_STAGE_DELAY=f"{stage}=30")
+    proc = sp.Popen(env.exec_argv([sys.executable, "-m", "banger", "vm", "create", "--name", name]), env=delayed,
                     stdout=sp.PIPE, stderr=sp.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     seen = []
     assert proc.stderr is not None
@@ -179,10 +182,12 @@ def test_daemon_killed_during_create_leaks_nothing(env: BangerNetns, stage: str)
         seen.append(line.strip())
         if line.strip() == f"vm create: {stage}":
             break
+    assert seen[-1] == f"vm create: {stage}", seen
     daemon_pid = int((env.root / "run/banger/bangerd.pid").read_text())
     os.kill(daemon_pid, signal.SIGKILL)
     proc.wait(60)
     assert proc.returncode != 0, seen
+    env.banger("system", "stop")  # the old helper too: the next call starts both without the delay
     # The next call starts a fresh daemon, which finds the interrupted create and removes it.
     assert all(vm["name"] != name for vm in env.vms())
     for _ in range(50):

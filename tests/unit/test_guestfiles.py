@@ -22,6 +22,9 @@ EXPECTED: dict[str, tuple[str, int]] = {
     "/usr/local/libexec/banger-init": ("file", 0o755),
     "/usr/local/libexec/banger-fast-init": ("file", 0o755),
     "/usr/local/libexec/banger-network": ("file", 0o755),
+    "/usr/local/bin/banger-agent": ("file", 0o755),
+    f"{UNITS}/banger-agent.service": ("file", 0o644),
+    f"{UNITS}/multi-user.target.wants/banger-agent.service": ("symlink", 0o777),
     "/etc/banger": ("dir", 0o755),
     f"{UNITS}/banger-network.service": ("file", 0o644),
     f"{UNITS}/multi-user.target.wants/banger-network.service": ("symlink", 0o777),
@@ -75,7 +78,7 @@ def test_scripts_ship_as_package_data() -> None:
 
 def test_enable_symlinks_point_at_units_with_the_matching_install_section() -> None:
     files = by_path()
-    for name in ("banger-network.service", "banger-ssh-hostkeys.service"):
+    for name in ("banger-network.service", "banger-ssh-hostkeys.service", "banger-agent.service"):
         link = files[f"{UNITS}/multi-user.target.wants/{name}"]
         assert link.target == f"{UNITS}/{name}"
         assert unit(f"{UNITS}/{name}")["Install"]["WantedBy"] == "multi-user.target"
@@ -125,3 +128,9 @@ def test_ctrl_alt_del_powers_off_and_slow_units_are_masked() -> None:
     assert files[f"{UNITS}/ctrl-alt-del.target"].target == "/lib/systemd/system/poweroff.target"
     assert files[f"{UNITS}/e2scrub_reap.service"].target == "/dev/null"
     assert files[f"{UNITS}/e2scrub_all.timer"].target == "/dev/null"
+
+
+def test_agent_is_the_package_file_and_runs_with_the_guest_python() -> None:
+    agent = by_path()["/usr/local/bin/banger-agent"].data
+    assert agent == (REPO / "src/banger/guest/agent.py").read_bytes()
+    assert agent is not None and agent.startswith(b"#!/usr/bin/python3")

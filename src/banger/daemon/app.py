@@ -17,6 +17,7 @@ from banger.rpc.server import PeerCred, RpcServer
 
 if TYPE_CHECKING:
     from banger.config import Config
+    from banger.daemon.agents import AgentRegistry
     from banger.daemon.images import ImageService
     from banger.daemon.kernels import KernelService
     from banger.daemon.vms import VmService
@@ -42,6 +43,7 @@ class Daemon:
     ops: OperationRegistry = field(default_factory=OperationRegistry)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     dns: Any = None
+    agents: AgentRegistry = field(default_factory=lambda: _agent_registry())
     _vms: VmService | None = None
     _kernels: KernelService | None = None
     _images: ImageService | None = None
@@ -96,6 +98,12 @@ class Daemon:
             self.dns.remove_record(name)
 
 
+def _agent_registry() -> AgentRegistry:
+    from banger.daemon.agents import AgentRegistry
+
+    return AgentRegistry()
+
+
 async def _start_dns(daemon: Daemon) -> None:
     try:
         from banger.network.dns import VmDnsServer
@@ -138,6 +146,7 @@ async def serve(daemon: Daemon, socket_path: Path) -> None:
         log.info("bangerd stopping")
         await server.close()
         await daemon.ops.cancel_all()
+        daemon.agents.close_all()
         if daemon.dns is not None:
             with contextlib.suppress(Exception):
                 await daemon.dns.close()

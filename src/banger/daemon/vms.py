@@ -171,21 +171,23 @@ class VmService:
         vm_dir = self.d.layout.vm_dir(vm.id)
         runtime: dict[str, Any] = dict(vm.runtime)
         try:
-            stage("preparing disks")
+            await _enter(stage, "preparing disks")
             await asyncio.to_thread(self._prepare_disks, vm, image, vm_dir, runtime)
-            stage("network")
+            await _enter(stage, "network")
             await self._ensure_bridge()
             if not runtime.get("tap"):
                 runtime["tap"] = await self.taps.acquire()
                 vm = self._save(replace(vm, runtime=runtime))
             if vm.spec.nat:
                 await self._nat_add(vm, runtime)
-            stage("booting")
+            await _enter(stage, "booting")
             proc = await asyncio.to_thread(self._launch, vm, image, vm_dir, runtime)
             runtime.update(_proc_to_runtime(proc))
             vm = self._save(replace(vm, state=model.VmState.RUNNING, runtime=runtime, last_error=""))
             self.d.dns_set(vm.name, vm.guest_ip)
-            stage("waiting for guest")
+            await _enter(stage, "waiting for guest agent")
+            await self._wait_agent(vm, proc.pid, Path(runtime["console_log"]))
+            await _enter(stage, "waiting for guest")
             await self._wait_guest(vm, proc.pid, Path(runtime["console_log"]))
             stage("running")
             return vm
@@ -224,6 +226,33 @@ class VmService:
         runtime.update({"vm_dir": str(vm_dir), "overlay": str(overlay), "work_disk": str(work),
                         "mac": net.mac, "console_log": str(vm_dir / "console.log")})
 
+    def agent_socket(self, vm: model.VmRecord) -> Path:
+        return self.d.layout.runtime_dir / "vms" / vm.short_id / "agent.sock"
+
+    async def _wait_agent(self, vm: model.VmRecord, pid: int, console: Path) -> None:
+        """Until the guest agent answers health, watching the VMM. An image without the agent (registered
+        by hand, older builds) is not an error: the SSH wait that follows is the readiness check then."""
+        import time
+
+        from banger.guest.agent_client import AgentVersionMismatch
+
+        deadline = time.monotonic() + self.d.config.ssh_wait_timeout
+        vmm = self.d.vmm()
+        sock = self.agent_socket(vm)
+        while time.monotonic() < deadline:
+            if not vmm.alive(pid):
+                raise BangerError(f"vm {vm.name!r} stopped while booting: {_tail_lines(console, 6)}",
+                                  hint=f"the full console is in {console}")
+            try:
+                await asyncio.to_thread(self.d.agents.connect, vm.id, sock, time.monotonic() + 3.0)
+                return
+            except AgentVersionMismatch:
+                raise
+            except BangerError:
+                if "banger: guest ready" in _tail_lines(console, 3):
+                    log.info("guest is up without an agent", extra={"vm": vm.name})
+                    return
+
     async def _wait_guest(self, vm: model.VmRecord, pid: int, console: Path) -> None:
         """Until the guest's sshd accepts TCP, watching the VMM: a guest that dies during boot is
         reported at once with the end of its console, instead of after the SSH deadline. Past the
@@ -258,6 +287,7 @@ class VmService:
         return VmSpec(
             vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
             kernel=kernel, initrd=initrd, cmdline=cmdline, console_log=vm_dir / "console.log", run_dir=run_dir,
+            agent_socket=run_dir / "agent.sock",
             drives=(DriveSpec("rootfs", Path(image.rootfs_path), read_only=True, root=True),
                     DriveSpec("overlay", Path(runtime["overlay"])),
                     DriveSpec("work", Path(runtime["work_disk"]))),
@@ -310,6 +340,15 @@ class VmService:
         return self.d.layout.runtime_dir / "ssh"
 
     def _guest_poweroff(self, vm: model.VmRecord) -> bool:
+        """Ask the guest to power off, through its agent or else over SSH; True if it accepted."""
+        try:
+            self.d.agents.get(vm.id, self.agent_socket(vm), timeout=3.0).poweroff(timeout=5.0)
+            return True
+        except BangerError as exc:
+            log.info("guest poweroff through the agent failed", extra={"vm": vm.name, "error": exc.message})
+        return self._ssh_poweroff(vm)
+
+    def _ssh_poweroff(self, vm: model.VmRecord) -> bool:
         """Ask the guest to power off over SSH (systemd or banger's fast init); True if it accepted.
 
         ACPI power-button events need a listener in the guest, which a small init does not have, so
@@ -355,6 +394,7 @@ class VmService:
         from banger.guest import ssh
 
         self.d.dns_remove(vm.name)
+        self.d.agents.drop(vm.id)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(ssh.stop_master, vm.guest_ip, host_alias=f"{vm.name}.vm",
                                     control_dir=self.control_dir)
@@ -450,6 +490,17 @@ def _copy_seed(seed: Path, work: Path, vm_dir: Path) -> None:
                 files.append(GuestFile(rel, path.read_bytes(), path.stat().st_mode & 0o7777))
         if files:
             ext4.write_files(work, files)
+
+
+async def _enter(stage: Stage, name: str) -> None:
+    """Report a stage. BANGER_TEST_STAGE_DELAY="<stage>=<seconds>" holds the create there: fault
+    injection for the tests that kill the daemon in the middle of a given stage."""
+    import os
+
+    stage(name)
+    wanted, _, seconds = os.environ.get("BANGER_TEST_STAGE_DELAY", "").partition("=")
+    if wanted == name and seconds:
+        await asyncio.sleep(float(seconds))
 
 
 def _tail_lines(path: Path, count: int) -> str:

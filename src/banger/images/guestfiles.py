@@ -66,6 +66,24 @@ FSTAB = """\
 /dev/vdc /root ext4 defaults,noatime,nofail 0 0
 """
 
+AGENT_UNIT = """\
+[Unit]
+Description=banger guest agent (exec, files, ports, health for the host)
+Documentation=file:/usr/local/bin/banger-agent
+
+[Service]
+ExecStart=/usr/local/bin/banger-agent
+Restart=always
+RestartSec=1
+# Processes started through `banger vm exec` survive an agent restart.
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+AGENT_PATH = "/usr/local/bin/banger-agent"
+
 # Units not worth their time under software emulation, masked like `systemctl mask` does.
 MASKED = ("e2scrub_reap.service", "e2scrub_all.timer")
 
@@ -75,10 +93,19 @@ def script(name: str) -> bytes:
     return resources.files("banger.guest").joinpath("files", name).read_bytes()
 
 
+def agent_bytes() -> bytes:
+    """The guest agent: one stdlib-only Python file, installed as /usr/local/bin/banger-agent."""
+    return resources.files("banger.guest").joinpath("agent.py").read_bytes()
+
+
 def guest_files() -> list[GuestFile]:
     """What banger injects into every image, in the order it is written (all root-owned)."""
     files = [GuestFile(f"{LIBEXEC}/{name}", script(name), 0o755) for name in SCRIPTS]
     files += [
+        GuestFile(AGENT_PATH, agent_bytes(), 0o755),
+        GuestFile(f"{UNIT_DIR}/banger-agent.service", AGENT_UNIT.encode(), 0o644),
+        GuestFile(f"{WANTS_DIR}/banger-agent.service", None, 0o777, kind="symlink",
+                  target=f"{UNIT_DIR}/banger-agent.service"),
         GuestFile("/etc/banger", None, 0o755, kind="dir"),
         GuestFile(f"{UNIT_DIR}/banger-network.service", NETWORK_UNIT.encode(), 0o644),
         GuestFile(f"{WANTS_DIR}/banger-network.service", None, 0o777, kind="symlink",
