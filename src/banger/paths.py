@@ -177,6 +177,53 @@ def system_install_meta() -> Path:
     return system_prefix() / "etc/banger/install.toml"
 
 
+@dataclass(frozen=True)
+class InstallPaths:
+    """Where a system install puts banger itself (not its state): the versioned code, the stable
+    entry points, the unit files and the logs of the services when systemd does not supervise them."""
+
+    opt_dir: Path  # /opt/banger
+    bin_dir: Path  # /usr/local/bin
+    unit_dir: Path  # /etc/systemd/system
+    log_dir: Path  # /var/log/banger
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.opt_dir / "versions"
+
+    @property
+    def current(self) -> Path:
+        """Symlink to the active version directory; swapping it is the one atomic step of an update."""
+        return self.opt_dir / "current"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Update downloads: root-only, unlike /var/cache/banger, which the owner daemon can write."""
+        return self.opt_dir / "staging"
+
+    def version_dir(self, name: str) -> Path:
+        return self.versions_dir / name
+
+    def entry_point(self, program: str) -> Path:
+        return self.bin_dir / program
+
+    def unit_file(self, unit: str) -> Path:
+        return self.unit_dir / unit
+
+    def service_log(self, program: str) -> Path:
+        return self.log_dir / f"{program}.log"
+
+
+def system_install_paths() -> InstallPaths:
+    p = system_prefix()
+    return InstallPaths(
+        opt_dir=p / "opt/banger",
+        bin_dir=p / "usr/local/bin",
+        unit_dir=p / "etc/systemd/system",
+        log_dir=p / "var/log/banger",
+    )
+
+
 def ensure_private_dir(path: Path, mode: int = 0o700) -> Path:
     """Create `path` (0700 by default) or check an existing one: a real directory we own, not a symlink.
 

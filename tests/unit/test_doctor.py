@@ -427,6 +427,13 @@ EXPECTED_ROWS = [
     "firecracker",
     "vm defaults",
     "runtime directory",
+    "release build",
+    "system services",
+    "socket posture",
+    "firecracker binary",
+    "ssh config include",
+    "images and kernels",
+    "vm DNS",
 ]
 
 

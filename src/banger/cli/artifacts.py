@@ -37,7 +37,12 @@ def cmd_image_show(args: argparse.Namespace) -> int:
 def cmd_image_pull(args: argparse.Namespace) -> int:
     from banger.cli.progress import follow
 
-    begin = call("image.pull.begin", {"name": args.name})
+    params = {"name": args.name}
+    if args.as_name:
+        params["as"] = args.as_name
+    if args.kernel_ref:
+        params["kernel_ref"] = args.kernel_ref
+    begin = call("image.pull.begin", params)
     image = follow(begin["op_id"], f"image {args.name}")
     if args.json:
         output.print_json(image)
@@ -102,4 +107,12 @@ def cmd_kernel_pull(args: argparse.Namespace) -> int:
 def cmd_kernel_rm(args: argparse.Namespace) -> int:
     call("kernel.delete", {"ref": args.kernel})
     print(f"deleted kernel {args.kernel}")
+    return 0
+
+
+def cmd_image_cache_prune(args: argparse.Namespace) -> int:
+    result = call("image.cache.prune", {"dry_run": bool(args.dry_run)})
+    size = output.human_bytes(int(result["bytes"]))
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {size} across {result['blobs']} blob(s) in {result['path']}")
     return 0

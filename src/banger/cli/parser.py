@@ -138,8 +138,17 @@ def build() -> argparse.ArgumentParser:
     p = _cmd(image_sub, "pull", "build or fetch an image from banger's catalog",
              "banger.cli.artifacts:cmd_image_pull",
              "examples:\n  banger image pull debian-bookworm\n  banger image pull debian-bookworm-full --json")
-    _complete(p.add_argument("name", help="catalog name (e.g. debian-bookworm)"), "image-catalog")
+    _complete(p.add_argument("name", help="catalog name (e.g. debian-bookworm) or registry reference "
+                                          "(e.g. 127.0.0.1:5000/tools:1.0)"), "image-catalog")
+    p.add_argument("--name", dest="as_name", metavar="NAME", help="image name for a registry pull")
+    _complete(p.add_argument("--kernel-ref", metavar="KERNEL", help="kernel for a registry pull "
+                                                                     "(default debian-12-cloud)"), "kernel")
     _json(p)
+    cache = _group(image_sub, "cache", "the OCI layer cache", "Cached registry blobs.",
+                   "examples:\n  banger image cache prune --dry-run")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="<command>", parser_class=BangerParser)
+    p = _cmd(cache_sub, "prune", "empty the OCI layer cache", "banger.cli.artifacts:cmd_image_cache_prune")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be freed")
     p = _cmd(image_sub, "delete", "delete an image (refused while a VM uses it)",
              "banger.cli.artifacts:cmd_image_delete", aliases=("rm",))
     _complete(p.add_argument("image", help="image name, id or unique id prefix"), "image")

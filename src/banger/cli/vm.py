@@ -224,7 +224,6 @@ def _reminder(name: str) -> None:
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     import sys
-
     from pathlib import Path
 
     from banger.guest import knownhosts

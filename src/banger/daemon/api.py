@@ -79,14 +79,43 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         return {"images": [e.to_json() for e in catalog.load_catalog()]}
 
     async def image_pull_begin(ctx: CallContext, raw: dict[str, Any]) -> Any:
-        p = Params(raw, allowed={"name"})
+        p = Params(raw, allowed={"name", "as", "kernel_ref"})
         name = p.get_str("name", required=True)
-        d.images.catalog_entry(name)  # a bad name fails the begin call itself
-        running = d.ops.find_running("image.pull", name)
+        as_name = p.get_str("as") or None
+        kernel_ref = p.get_str("kernel_ref") or None
+        is_oci = any(c in name for c in "/:@")
+        if is_oci:
+            # A registry reference: `--name` picks the image name, `--kernel-ref` its kernel.
+            from banger.images.oci.reference import default_image_name, parse_reference
+
+            target = as_name or default_image_name(parse_reference(name))
+            model.validate_artifact_name("image", target)
+        else:
+            if as_name or kernel_ref:
+                raise BangerError("--name and --kernel-ref go with registry references, not catalog names",
+                                  code="bad_request")
+            d.images.catalog_entry(name)  # a bad name fails the begin call itself
+            target = name
+        running = d.ops.find_running("image.pull", target)
         if running is not None:  # concurrent pulls of one image coalesce
             return {"op_id": running.id, "coalesced": True}
-        op = d.ops.begin("image.pull", name, lambda rep: d.images.pull(name, rep))
+        if is_oci:
+            op = d.ops.begin("image.pull", target,
+                             lambda rep: d.images.pull_oci(name, rep, name=as_name, kernel_ref=kernel_ref))
+        else:
+            op = d.ops.begin("image.pull", target, lambda rep: d.images.pull(name, rep))
         return {"op_id": op.id, "coalesced": False}
+
+    async def image_cache_prune(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        import asyncio as aio
+
+        from banger.images.oci.layout import OciLayout
+
+        p = Params(raw, allowed={"dry_run"})
+        cache = OciLayout(d.layout.oci_cache_dir)
+        usage = await aio.to_thread(cache.prune, dry_run=p.get_bool("dry_run"))
+        return {"blobs": usage.blobs, "bytes": usage.bytes, "path": str(d.layout.oci_cache_dir),
+                "dry_run": p.get_bool("dry_run")}
 
     async def image_delete(ctx: CallContext, raw: dict[str, Any]) -> Any:
         p = Params(raw, allowed={"ref"})
@@ -208,6 +237,7 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "image.show": image_show,
         "image.catalog": image_catalog,
         "image.pull.begin": image_pull_begin,
+        "image.cache.prune": image_cache_prune,
         "image.delete": image_delete,
         "kernel.list": kernel_list,
         "kernel.show": kernel_show,

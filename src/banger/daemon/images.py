@@ -26,8 +26,13 @@ if TYPE_CHECKING:
     from banger.daemon.ops import Reporter
     from banger.images.catalog import CatalogEntry, GoldenImage
     from banger.images.golden import GoldenResult
+    from banger.images.oci.pull import PulledImage
+    from banger.images.oci.reference import Reference
 
 log = logging.getLogger("banger.images")
+
+# The kernel OCI images boot with unless `--kernel-ref` says otherwise (the golden images' kernel).
+DEFAULT_OCI_KERNEL = "debian-12-cloud"
 
 
 class _ThreadReporter:
@@ -122,6 +127,71 @@ class ImageService:
                 rootfs_path=str(final / result.rootfs.name), kernel_path="", initrd_path="", modules_path="",
                 work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
                 kernel_ref=entry.kernel_ref, source=f"golden:{entry.name}", created_at=db.utc_now(),
+                extra={"init": "fast", **result.manifest})
+            rows.insert_image(self.d.store, record)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if final is not None:
+                await asyncio.to_thread(shutil.rmtree, final, True)
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        return record
+
+    async def pull_oci(self, ref: str, rep: Reporter, *, name: str | None = None,
+                       kernel_ref: str | None = None) -> dict[str, Any]:
+        """`image pull <registry>/<repo>:<tag>|@sha256:...`: a container image made bootable (images.oci)."""
+        from banger.images.oci.reference import default_image_name, parse_reference
+        from banger.store import kernels as kernel_rows
+
+        parsed = parse_reference(ref)
+        image_name = model.validate_artifact_name("image", name or default_image_name(parsed))
+        kernel = kernel_ref or DEFAULT_OCI_KERNEL
+        async with self._lock(image_name):
+            self._refuse_existing(image_name)
+            if kernel not in {k.name for k in kernel_rows.list_kernels(self.d.store)}:
+                self.d.kernels.catalog_entry(kernel)  # NotFound for a kernel that is neither pulled nor known
+                rep.stage(f"pulling kernel {kernel}")
+                await self.d.kernels.pull(kernel, rep)
+            record = await self._build_oci(parsed, image_name, kernel, rep)
+            log.info("OCI image pulled", extra={"image": image_name, "image_id": record.id, "ref": str(parsed)})
+            return record.to_json()
+
+    async def _build_oci(self, ref: Reference, name: str, kernel_ref: str, rep: Reporter) -> model.ImageRecord:
+        from banger.images.oci import pull as oci_pull
+        from banger.images.oci.registry import docker_config_path
+        from banger.store import db
+        from banger.store import images as rows
+
+        layout = self.d.layout
+        layout.images_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=layout.images_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=layout.images_dir))
+        final: Path | None = None
+        cancel = threading.Event()
+        reporter = _ThreadReporter(rep, asyncio.get_running_loop())
+        task = asyncio.ensure_future(asyncio.to_thread(
+            oci_pull.pull_image, ref, work, staging, cache_dir=layout.oci_cache_dir, kernel_ref=kernel_ref,
+            name=name, reporter=reporter, cancel=cancel, max_bytes=self.d.config.max_download_bytes,
+            docker_config=docker_config_path(layout.owner_home)))
+        try:
+            try:
+                result: PulledImage = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancel.set()  # as for golden builds: stop the thread and wait before cleaning up
+                with contextlib.suppress(BaseException):
+                    await task
+                raise
+            rep.stage("registering")
+            image_id = model.new_id()
+            os.chmod(staging, 0o755)
+            final = layout.image_dir(image_id)
+            os.rename(staging, final)
+            record = model.ImageRecord(
+                id=image_id, name=name, managed=True,
+                rootfs_path=str(final / result.rootfs.name), kernel_path="", initrd_path="", modules_path="",
+                work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
+                kernel_ref=kernel_ref, source=f"oci:{result.reference}", created_at=db.utc_now(),
                 extra={"init": "fast", **result.manifest})
             rows.insert_image(self.d.store, record)
         except BaseException:

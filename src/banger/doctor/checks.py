@@ -454,6 +454,9 @@ def check_runtime_dir(ctx: DoctorContext) -> CheckResult:
     return CheckResult("runtime directory", worst, problems[0], details, hint=hint)
 
 
+# The checks of a system install and of each capability live in install_checks (they use the types above).
+from banger.doctor import install_checks as _install  # noqa: E402
+
 CHECKS: tuple[Callable[[DoctorContext], CheckResult], ...] = (
     check_architecture,
     check_banger_version,
@@ -469,4 +472,11 @@ CHECKS: tuple[Callable[[DoctorContext], CheckResult], ...] = (
     check_firecracker,
     check_vm_defaults,
     check_runtime_dir,
+    _install.check_release_build,
+    _install.check_system_services,
+    _install.check_socket_posture,
+    _install.check_firecracker_binary,
+    _install.check_ssh_config_include,
+    _install.check_images_and_kernels,
+    _install.check_dns_wiring,
 )

@@ -1,0 +1,1 @@
+"""Signed releases and `banger update`: the manifest, signature checks, staging, the swap and rollback."""
