@@ -199,3 +199,11 @@ def test_daemon_killed_during_create_leaks_nothing(env: BangerNetns, stage: str)
     assert len(leftover_taps) <= 1  # a tap back in the idle pool is not a leak
     vms_dir = env.state_dir / "vms"
     assert not vms_dir.exists() or not any(vms_dir.iterdir())
+
+
+@pytest.mark.parametrize(("init", "pid1"), [("fast", "banger-fast-ini"), ("systemd", "systemd")])
+def test_init_choice_per_vm(env: BangerNetns, init: str, pid1: str) -> None:
+    proc = env.banger("vm", "run", "--rm", "--init", init, "--", "cat", "/proc/1/comm")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{pid1}\n"
+    _no_vm_leftovers(env)

@@ -65,6 +65,8 @@ def _vm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
     p.add_argument("--disk-size", metavar="SIZE", help="work disk (/root) size, e.g. 8G")
     p.add_argument("--nat", action="store_true", help="give the VM outbound network access")
+    p.add_argument("--init", choices=("fast", "systemd"),
+                   help="PID 1 in the guest: banger's fast init (default) or the image's systemd")
 
 
 def build() -> argparse.ArgumentParser:

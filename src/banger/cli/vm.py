@@ -68,6 +68,8 @@ def _create_params(args: argparse.Namespace) -> dict[str, Any]:
         params["name"] = args.name
     if args.image:
         params["image"] = args.image
+    if getattr(args, "init", None):
+        params["init"] = args.init
     for flag, key in (("vcpu", "vcpu"), ("memory", "memory_mib")):
         value = getattr(args, flag)
         if value is not None:

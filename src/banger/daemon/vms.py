@@ -74,7 +74,11 @@ class VmService:
         from banger.rpc.protocol import Params
         from banger.store import images as image_rows
 
-        p = Params(raw, allowed={"name", "image", "vcpu", "memory_mib", "disk_size_bytes", "nat", "no_start"})
+        p = Params(raw, allowed={"name", "image", "vcpu", "memory_mib", "disk_size_bytes", "nat", "no_start",
+                                 "init"})
+        init = p.get_str("init")
+        if init not in ("", "fast", "systemd"):
+            raise BadRequest(f"init {init!r} is not one of fast, systemd")
         name = p.get_str("name")
         if name:
             model.validate_vm_name(name)
@@ -131,6 +135,8 @@ class VmService:
         name, spec, image = self.validate_spec(raw)
         stage("reserving")
         vm = await self.reserve(name, spec, image)
+        if raw.get("init"):
+            vm = self._save(replace(vm, runtime={**vm.runtime, "init": str(raw["init"])}))
         try:
             async with self.lock(vm.id):
                 if not raw.get("no_start"):
@@ -280,7 +286,8 @@ class VmService:
         from banger.vmm.base import DriveSpec, NicSpec, VmSpec
 
         kernel, initrd = self._boot_files(image)
-        init_mode = str(image.extra.get("init", "fast"))
+        # Per VM (`--init`), else the image's default; banger's fast init unless the image says otherwise.
+        init_mode = str(vm.runtime.get("init") or image.extra.get("init", "fast"))
         cmdline = (f"console=ttyS0 root=/dev/vda ro rootfstype=ext4 init={INIT_PATH} banger.overlay=/dev/vdb "
                    f"banger.work=/dev/vdc banger.init={init_mode} panic=-1")
         run_dir = self.d.layout.runtime_dir / "vms" / vm.short_id
@@ -467,6 +474,11 @@ class VmService:
             log.info("cleaning up a vm whose VMM is gone", extra={"vm": vm.name})
             async with self.lock(vm.id):
                 await self._stop_locked(vm, force=True)
+
+    async def set_workspace(self, vm: model.VmRecord, workspace: dict[str, Any] | None) -> model.VmRecord:
+        """Record (or clear) the VM's workspace: guest path, host path, HEAD commit, branch."""
+        async with self.lock(vm.id):
+            return self._save(replace(self._reload(vm.id), workspace=workspace))
 
 
 def _copy_seed(seed: Path, work: Path, vm_dir: Path) -> None:
