@@ -207,3 +207,62 @@ def test_init_choice_per_vm(env: BangerNetns, init: str, pid1: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{pid1}\n"
     _no_vm_leftovers(env)
+
+
+UPSTREAM_SERVER = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("10.203.0.2", 8000)); srv.listen(8)
+print("ready", flush=True)
+while True:
+    conn, peer = srv.accept()
+    conn.sendall(f"you are {peer[0]}\n".encode()); conn.close()
+"""
+
+GUEST_PROBE = ("import socket; s = socket.create_connection(('10.203.0.2', 8000), 3); "
+               "print(s.recv(100).decode().strip())")
+
+
+def test_nat_on_and_off_seen_from_upstream(env: BangerNetns) -> None:
+    """An 'upstream' namespace plays the internet: it sees the guest masqueraded only with --nat."""
+    import subprocess as sp
+    import sys
+
+    upstream = env.ns + "-up"
+    sp.run(["ip", "netns", "add", upstream], check=True)
+    server = None
+    try:
+        sp.run(["ip", "-n", env.ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", upstream],
+               check=True)
+        sp.run(["ip", "-n", env.ns, "addr", "add", "10.203.0.1/24", "dev", "up0"], check=True)
+        sp.run(["ip", "-n", env.ns, "link", "set", "up0", "up"], check=True)
+        sp.run(["ip", "-n", upstream, "addr", "add", "10.203.0.2/24", "dev", "up1"], check=True)
+        sp.run(["ip", "-n", upstream, "link", "set", "up1", "up"], check=True)
+        sp.run(["ip", "-n", upstream, "link", "set", "lo", "up"], check=True)
+        sp.run(["ip", "-n", env.ns, "route", "add", "default", "via", "10.203.0.2"], check=True)
+        server = sp.Popen(["ip", "netns", "exec", upstream, sys.executable, "-c", UPSTREAM_SERVER],
+                          stdout=sp.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        env.banger("vm", "create", "--name", "natty", "--nat", check=True)
+        try:
+            seen = env.banger("vm", "ssh", "natty", "--", "python3", "-c", GUEST_PROBE, check=True).stdout.strip()
+            assert seen == "you are 10.203.0.1"  # masqueraded behind the host's uplink
+            env.banger("vm", "set", "natty", "--no-nat", check=True)
+            blocked = env.banger("vm", "ssh", "natty", "--", "python3", "-c", GUEST_PROBE)
+            assert blocked.returncode != 0  # no NAT: the upstream cannot answer a 172.30.x.x source
+            env.banger("vm", "set", "natty", "--nat", check=True)
+            again = env.banger("vm", "ssh", "natty", "--", "python3", "-c", GUEST_PROBE, check=True).stdout.strip()
+            assert again == "you are 10.203.0.1"
+        finally:
+            env.banger("vm", "delete", "natty", timeout=120)
+        rules = sp.run(["ip", "netns", "exec", env.ns, "nft", "list", "ruleset"], capture_output=True, text=True,
+                       check=True).stdout
+        assert "banger-vm:" not in rules  # delete removed the VM's NAT rules
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        sp.run(["ip", "-n", env.ns, "route", "del", "default"], check=False)
+        sp.run(["ip", "-n", env.ns, "link", "del", "up0"], check=False)
+        sp.run(["ip", "netns", "del", upstream], check=False)
+    _no_vm_leftovers(env)
