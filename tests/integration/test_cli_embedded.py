@@ -111,11 +111,12 @@ def test_not_found_is_one_line_with_op_id_and_logged(emb: Embedded) -> None:
             ["vm", "frobnicate"],
             "banger: argument <command>: invalid choice: 'frobnicate' (choose from 'list', "
             "'ls', 'show', 'run', 'create', 'start', 'stop', 'restart', 'kill', 'delete', "
-            "'rm', 'set', 'prune', 'logs', 'ssh') (see `banger vm --help`)",
+            "'rm', 'set', 'prune', 'logs', 'ssh', 'exec', 'cp', 'ports', 'workspace') (see `banger vm --help`)",
         ),
         (["vm", "run", "--vcpu", "two"], "banger: argument --vcpu: invalid int value: 'two' "
                                          "(see `banger vm run --help`)"),
-        (["vm", "list", "--", "echo"], "banger: `-- <command>` only goes with `banger vm run` and `banger vm ssh`"),
+        (["vm", "list", "--", "echo"], "banger: `-- <command>` only goes with `banger vm run`, "
+                                       "`banger vm exec` and `banger vm ssh`"),
         (["vm", "run", "-d", "--rm"], "banger: -d/--detach and --rm cannot be combined (a detached VM is meant "
                                       "to stay)"),
         (["vm", "run", "-d", "--", "ls"], "banger: -d/--detach cannot run a command; drop `-- <cmd>` or drop -d"),

@@ -69,6 +69,15 @@ def _vm_flags(p: argparse.ArgumentParser) -> None:
                    help="PID 1 in the guest: banger's fast init (default) or the image's systemd")
 
 
+def _workspace_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-untracked", action="store_true",
+                   help="also copy untracked files (never gitignored ones)")
+    p.add_argument("--dry-run", action="store_true", help="print the files that would be copied; no VM, no copy")
+    p.add_argument("--branch", metavar="B", help="create this guest-only branch in the workspace")
+    p.add_argument("--from", dest="from_ref", metavar="REF", help="start --branch at REF (default: HEAD)")
+    p.add_argument("--guest-path", metavar="P", help="where the repository goes in the guest (default /root/repo)")
+
+
 def build() -> argparse.ArgumentParser:
     root = BangerParser(prog="banger", description=ROOT_HELP, epilog=ROOT_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +97,8 @@ def build() -> argparse.ArgumentParser:
     _json(p)
     run_help = ("examples:\n"
                 "  banger vm run                      a fresh VM and a shell in it\n"
+                "  banger vm run ./repo -- make test  the repo at /root/repo, then a command in it\n"
+                "  banger vm run ./repo --dry-run     show what would be copied; no VM\n"
                 "  banger vm run --rm -- make test    run a command; its exit status is banger's\n"
                 "  banger vm run -d --name web --nat  start and leave it running\n")
     p = _cmd(vm_sub, "run", "create a VM, wait for SSH, then a shell or `-- command`", "banger.cli.vm:cmd_run",
@@ -95,6 +106,10 @@ def build() -> argparse.ArgumentParser:
     _vm_flags(p)
     p.add_argument("--rm", action="store_true", help="delete the VM when the session or command ends")
     p.add_argument("-d", "--detach", action="store_true", help="leave the VM running; do not attach")
+    p.add_argument("path", nargs="?", help="a git repository to ship into the VM as a workspace")
+    _workspace_flags(p)
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="do not install the repository's tools (mise) in the guest")
     p = _cmd(vm_sub, "create", "create (and start) a VM", "banger.cli.vm:cmd_create",
              "examples:\n  banger vm create --name dev --vcpu 2 --memory 2048\n  banger vm create --no-start")
     _vm_flags(p)
@@ -124,6 +139,59 @@ def build() -> argparse.ArgumentParser:
     p = _cmd(vm_sub, "ssh", "ssh into a VM (`-- cmd` runs a command)", "banger.cli.vm:cmd_ssh",
              "examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uname -a")
     _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p = _cmd(vm_sub, "exec", "run a command in a running VM through its agent (`-- cmd`)",
+             "banger.cli.guest:cmd_exec",
+             "The command runs as given, without a shell (use `-- sh -c '...'` for shell syntax), in the\n"
+             "VM's workspace if it has one, else /root. Output is streamed; the exit status is the\n"
+             "command's (128+N when signal N ended it). A stdin that is not a terminal is sent (up to\n"
+             "64 MiB; -n to skip). Without a guest agent banger falls back to ssh.\n\n"
+             "examples:\n  banger vm exec dev -- uname -a\n  banger vm exec dev --env DEBUG=1 -- make test\n"
+             "  tar c . | banger vm exec dev -- tar x -C /root/src\n  banger vm exec -t dev -- htop")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p.add_argument("--guest-path", metavar="P", help="working directory in the guest")
+    p.add_argument("--auto-prepare", action="store_true",
+                   help="re-sync the workspace first if the host repository's HEAD moved")
+    p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable (repeatable)")
+    p.add_argument("--timeout", type=int, metavar="S", help="kill the command after S seconds")
+    p.add_argument("-t", "--tty", action="store_true", help="run over ssh with a terminal (interactive)")
+    p.add_argument("-n", "--no-stdin", action="store_true", help="do not read or send stdin")
+    p = _cmd(vm_sub, "cp", "copy files and directories between the host and a VM", "banger.cli.guest:cmd_cp",
+             "One side is <vm>:<path> (relative guest paths are under /root). Directories are copied\n"
+             "recursively, modes kept; symlinks and special files are skipped with a warning.\n\n"
+             "examples:\n  banger vm cp ./src dev:/root/src\n  banger vm cp dev:/var/log/syslog .\n"
+             "  banger vm cp dev:out/ ./results")
+    p.add_argument("src", help="source: a host path or <vm>:<path>")
+    p.add_argument("dst", help="destination: a host path or <vm>:<path>")
+    p = _cmd(vm_sub, "ports", "list listening ports of VMs, with HTTP links", "banger.cli.guest:cmd_ports",
+             "examples:\n  banger vm ports\n  banger vm ports dev web --json")
+    _complete(p.add_argument("vms", nargs="*", metavar="vm", help="VM names or ids (default: all running)"), "vm")
+    _json(p)
+    workspace = _group(vm_sub, "workspace", "ship a git repository into a VM and take changes back",
+                       "A workspace is a git repository copied into a VM: its history, and its working\n"
+                       "tree as it is now (tracked files; untracked ones with --include-untracked;\n"
+                       "ignored ones never). `export` brings the guest's changes back as a patch.",
+                       "examples:\n  banger vm workspace prepare dev . --dry-run\n"
+                       "  banger vm workspace prepare dev ~/src/app --include-untracked\n"
+                       "  banger vm workspace export dev --output guest.patch && git apply guest.patch")
+    ws_sub = workspace.add_subparsers(dest="workspace_command", metavar="<command>", parser_class=BangerParser)
+    p = _cmd(ws_sub, "prepare", "copy a repository into a VM (replaces an earlier workspace there)",
+             "banger.cli.guest:cmd_workspace_prepare",
+             "examples:\n  banger vm workspace prepare dev .\n"
+             "  banger vm workspace prepare dev . --branch try-x --from main")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p.add_argument("path", help="a path inside the git repository to ship")
+    _workspace_flags(p)
+    _json(p)
+    p = _cmd(ws_sub, "export", "the guest's changes since the workspace base, as a binary patch (non-mutating)",
+             "banger.cli.guest:cmd_workspace_export",
+             "Guest commits past the base, uncommitted edits and untracked files (not ignored ones),\n"
+             "as one patch for `git apply`.\n\n"
+             "examples:\n  banger vm workspace export dev > guest.patch\n"
+             "  banger vm workspace export dev --base-commit HEAD~2 --output guest.patch")
+    _complete(p.add_argument("vm", help="VM name or id"), "vm")
+    p.add_argument("--base-commit", metavar="SHA", help="diff against this commit (default: the prepared HEAD)")
+    p.add_argument("--output", metavar="FILE", help="write the patch here instead of stdout")
+    p.add_argument("--guest-path", metavar="P", help="the workspace's guest path (default: the recorded one)")
     p = _cmd(sub, "ps", "list VMs (same as `banger vm list`)", "banger.cli.vm:cmd_list")
     _json(p)
     p.add_argument("--ids", action="store_true", help="print only the short ids")
@@ -244,7 +312,7 @@ def dispatch(argv: list[str]) -> int:
     if command is not None and getattr(args, "handler", None) not in _TAKES_COMMAND:
         from banger.errors import BadRequest
 
-        raise BadRequest("`-- <command>` only goes with `banger vm run` and `banger vm ssh`")
+        raise BadRequest("`-- <command>` only goes with `banger vm run`, `banger vm exec` and `banger vm ssh`")
     if args.version:
         from banger import buildinfo
 
@@ -263,7 +331,7 @@ def dispatch(argv: list[str]) -> int:
     return func(args)
 
 
-_TAKES_COMMAND = {"banger.cli.vm:cmd_run", "banger.cli.vm:cmd_ssh"}
+_TAKES_COMMAND = {"banger.cli.vm:cmd_run", "banger.cli.vm:cmd_ssh", "banger.cli.guest:cmd_exec"}
 
 
 def _subparser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.ArgumentParser:

@@ -251,6 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BadRequest("-d/--detach and --rm cannot be combined (a detached VM is meant to stay)")
     if args.detach and command:
         raise BadRequest("-d/--detach cannot run a command; drop `-- <cmd>` or drop -d")
+    from banger.cli import guest
+
+    workspace = guest.run_preflight(args)  # `vm run ./repo`: every host check before any VM exists
+    if workspace is not None and args.dry_run:
+        return 0
     vm = _create(args)
     name = vm["name"]
     try:
@@ -263,11 +268,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"vm {name} booted but SSH did not come up: {exc.message}",
                 hint=f"sshd is the likely suspect: see `banger vm logs {name}`; the VM is still running "
                      f"for inspection (`banger vm delete {name}` to clean up)") from None
+        if workspace is not None:
+            guest.run_prepare(workspace, name, args, background=not command and not args.detach)
         if args.detach:
             print(f"{name} is running at {vm['guest_ip']} ({name}.vm); connect with `banger vm ssh {name}`")
             return 0
         tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
-        rc = _run_ssh(_ssh_argv(info, command, tty))
+        remote = command
+        if workspace is not None:
+            remote = guest.in_workspace(command, workspace.guest_path) if command else \
+                guest.shell_in(workspace.guest_path)
+        rc = _run_ssh(_ssh_argv(info, remote, tty))
         if not args.rm and not command:
             _reminder(name)
         return rc

@@ -225,6 +225,36 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
             deleted.append(vm.to_json())
         return {"vms": deleted}
 
+    async def vm_exec(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import guestops
+
+        return await guestops.vm_exec(d, ctx, raw)
+
+    async def vm_ports(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import guestops
+
+        return await guestops.vm_ports(d, ctx, raw)
+
+    async def vm_cp_push(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import guestops
+
+        return await guestops.vm_cp_push(d, ctx, raw)
+
+    async def vm_cp_pull(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import guestops
+
+        return await guestops.vm_cp_pull(d, ctx, raw)
+
+    async def vm_workspace_prepare(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import workspace
+
+        return await workspace.prepare(d, ctx, raw)
+
+    async def vm_workspace_export(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.daemon import workspace
+
+        return await workspace.export(d, ctx, raw)
+
     table: dict[str, Callable[[CallContext, dict[str, Any]], Any]] = {
         "daemon.ping": ping,
         "daemon.shutdown": shutdown,
@@ -254,5 +284,11 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "vm.ssh_info": vm_ssh_info,
         "vm.set": vm_set,
         "vm.prune": vm_prune,
+        "vm.exec": vm_exec,
+        "vm.ports": vm_ports,
+        "vm.cp.push": vm_cp_push,
+        "vm.cp.pull": vm_cp_pull,
+        "vm.workspace.prepare": vm_workspace_prepare,
+        "vm.workspace.export": vm_workspace_export,
     }
     return table
