@@ -124,6 +124,15 @@ def hand_boot(env: BangerNetns, image: dict[str, str], kernel: dict[str, str], r
     return times
 
 
+def create_ready(env: BangerNetns, init: str) -> float:
+    """`vm create` returns when the guest agent answers health: that is exec-ready."""
+    start = time.perf_counter()
+    env.banger("vm", "create", "--name", f"ready-{init}", "--init", init, check=True)
+    elapsed = time.perf_counter() - start
+    env.banger("vm", "delete", f"ready-{init}", check=True)
+    return elapsed
+
+
 def create_time(env: BangerNetns, image_name: str, runs: int) -> float:
     samples = []
     for i in range(runs):
@@ -152,6 +161,13 @@ def main() -> int:
         runs = [banger_run(env) for _ in range(args.runs)]
         hand = hand_boot(env, image, kernel, args.runs)
         stages = stage_breakdown(env)
+        # Time to exec-ready (the agent answers) with banger's fast init and with systemd, same image.
+        fast = [timed(lambda: env.banger("vm", "run", "--rm", "--init", "fast", "--", "true", check=True))
+                for _ in range(3)]
+        systemd = [timed(lambda: env.banger("vm", "run", "--rm", "--init", "systemd", "--", "true", check=True))
+                   for _ in range(3)]
+        ready_fast = [create_ready(env, "fast") for _ in range(3)]
+        ready_systemd = [create_ready(env, "systemd") for _ in range(3)]
         # The per-VM root must not depend on the image size: grow the image's ext4 to 4 GiB and compare.
         small = create_time(env, "debian-bookworm", 3)
         rootfs = Path(image["rootfs_path"])
@@ -167,6 +183,10 @@ def main() -> int:
     print(f"hand-written QEMU to ssh true:  median {h:6.2f} s")
     print(f"ratio banger / hand:            {b / h:6.2f}x  (target <= 1.10x)")
     print("per-stage (one vm create):      " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+    f, sd = statistics.median(ready_fast), statistics.median(ready_systemd)
+    print(f"exec-ready, fast init:          median {f:6.2f} s")
+    print(f"exec-ready, systemd:            median {sd:6.2f} s  (fast = {f / sd:.0%} of systemd; target <= 30%)")
+    print(f"vm run --rm -- true, fast / systemd: {statistics.median(fast):.2f} s / {statistics.median(systemd):.2f} s")
     print(f"create+start, image {size_before / (1 << 30):.1f} GiB:   median {small:6.2f} s")
     print(f"create+start, image 4.0 GiB:   median {big:6.2f} s  ({big / small:.2f}x)")
     return 0

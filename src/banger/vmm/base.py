@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from banger.errors import BangerError
-
 Capability = Literal["pause", "snapshot"]
 StopOutcome = Literal["powerdown", "killed", "gone"]
 """How `stop()` ended: the guest powered off, the VMM had to be killed, or it was already gone."""
@@ -161,7 +159,9 @@ class Pausable(Protocol):
 
 
 def _firecracker() -> Vmm:
-    raise BangerError("the firecracker backend is not wired yet", hint='set vmm = "qemu" in config.toml')
+    from banger.vmm.firecracker.backend import FirecrackerVmm
+
+    return FirecrackerVmm()
 
 
 def _qemu() -> Vmm:
