@@ -30,10 +30,10 @@ from typing import Final
 
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
 from banger.system.run import find_binary, spawn
+from banger.vmm import procs
 from banger.vmm.base import (
     Backend,
     Capability,
-    ChildHandle,
     LaunchPlan,
     StopOutcome,
     VmProcess,
@@ -54,10 +54,6 @@ API_SOCKET_NAME: Final = "fc.sock"
 # panic=1: a panicking guest reboots (so exits) after 1 s instead of hanging; pci=off: there is no PCI bus.
 DEFAULT_BOOT_ARGS: Final = ("console=ttyS0", "reboot=k", "panic=1", "pci=off")
 
-_POLL = 0.05
-_KILL_WAIT = 10.0  # SIGKILL'd processes normally vanish in milliseconds; longer means stuck in the kernel
-_TAIL_BYTES = 4096
-_TAIL_CHARS = 600
 _ELF_MAGIC = b"\x7fELF"
 _BZIMAGE_MAGIC_OFFSET = 0x202  # "HdrS", the x86 boot protocol header of a bzImage
 _BZIMAGE_MAGIC = b"HdrS"
@@ -171,15 +167,6 @@ def _check_socket_path(what: str, path: Path) -> None:
 # --- /proc helpers -------------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str]:
-    """argv of `pid`, or [] if it is gone or a zombie (whose cmdline reads empty)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0")[:-1]] if raw else []
-
-
 def _api_sock_arg(argv: list[str]) -> str | None:
     for index, arg in enumerate(argv):
         if arg == "--api-sock" and index + 1 < len(argv):
@@ -187,54 +174,6 @@ def _api_sock_arg(argv: list[str]) -> str | None:
         if arg.startswith("--api-sock="):
             return arg.split("=", 1)[1]
     return None
-
-
-def _tail(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines)[-_TAIL_CHARS:]
-
-
-def _describe(returncode: int | None) -> str:
-    if returncode is None:
-        return "exited"
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
-def _kill_child(child: ChildHandle) -> None:
-    """SIGKILL and reap a child we started. Until it is reaped its pid cannot be reused, so no check."""
-    if child.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-    deadline = time.monotonic() + _KILL_WAIT
-    while child.poll() is None:
-        if time.monotonic() >= deadline:
-            raise BangerError(f"process {child.pid} survived SIGKILL for {_KILL_WAIT:g}s")
-        time.sleep(_POLL)
-
-
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-
-
-def _read_pid(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text(encoding="ascii", errors="replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def _write_pid(pidfile: Path, pid: int) -> None:
@@ -320,11 +259,11 @@ class FirecrackerVmm:
                 hint="set jailer_enabled = false in config.toml to launch Firecracker directly",
             )
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        running = _read_pid(plan.pidfile)
+        running = procs.read_pid(plan.pidfile)
         if running is not None and self._runs(running, plan.control_socket):
             raise AlreadyExists(f"Firecracker is already running for VM {plan.vm_id} (pid {running})",
                                 hint="stop the VM first")
-        _remove(*plan.sockets_expected, plan.pidfile)
+        procs.remove(*plan.sockets_expected, plan.pidfile)
 
         deadline = time.monotonic() + timeout
         try:
@@ -332,7 +271,7 @@ class FirecrackerVmm:
                 child = spawn(plan.argv, new_session=True, stdout=out.fileno(), stderr=out.fileno(),
                               env=dict(plan.env))
         except BaseException:
-            _remove(*plan.sockets_expected, plan.pidfile)
+            procs.remove(*plan.sockets_expected, plan.pidfile)
             raise
         proc = VmProcess(
             vm_id=plan.vm_id,
@@ -352,7 +291,7 @@ class FirecrackerVmm:
         except BangerError as exc:
             self.kill(proc)
             raise BangerError(f"Firecracker for VM {plan.vm_id} did not start: {exc.message} "
-                              f"({_tail(plan.stderr_log) or 'no output'})",
+                              f"({procs.tail(plan.stderr_log) or 'no output'})",
                               hint=f"see {plan.stderr_log}") from exc
         except BaseException:
             self.kill(proc)
@@ -382,7 +321,7 @@ class FirecrackerVmm:
                 if ended is not None:
                     raise BangerError(
                         f"Firecracker for VM {proc.vm_id} {ended} before the VM was running: "
-                        f"{_tail(proc.stderr_log) or 'no output'}",
+                        f"{procs.tail(proc.stderr_log) or 'no output'}",
                         hint=f"see {proc.stderr_log} and {runtime_paths(proc.run_dir).log}",
                     )
                 if proc.control_socket.exists():
@@ -397,7 +336,7 @@ class FirecrackerVmm:
                 if time.monotonic() >= deadline:
                     raise BangerError(f"VM {proc.vm_id} was not running within {timeout:g}s ({last})",
                                       hint=f"see {proc.stderr_log}")
-                time.sleep(_POLL)
+                time.sleep(procs.POLL)
 
     # --- pause / resume -----------------------------------------------------------------------------
 
@@ -413,7 +352,7 @@ class FirecrackerVmm:
 
     def stop(self, proc: VmProcess, timeout: float) -> StopOutcome:
         if self._poll(proc) is not None:
-            _remove(*proc.sockets, proc.pidfile)
+            procs.remove(*proc.sockets, proc.pidfile)
             return "gone"
         try:
             with FirecrackerApi(proc.control_socket, timeout=min(max(timeout, 0.1), 5.0)) as api:
@@ -425,7 +364,7 @@ class FirecrackerVmm:
         ended = self._wait_gone(proc, timeout)
         if ended is not None:
             log.info("VM %s shut down (Firecracker %s)", proc.vm_id, ended)
-            _remove(*proc.sockets, proc.pidfile)
+            procs.remove(*proc.sockets, proc.pidfile)
             return "powerdown"
         log.info("VM %s ignored Ctrl+Alt+Del for %gs; killing Firecracker", proc.vm_id, timeout)
         self.kill(proc)
@@ -434,21 +373,21 @@ class FirecrackerVmm:
     def kill(self, proc: VmProcess) -> None:
         child = next((c for c in proc.children if c.pid == proc.pid), None)
         if child is not None:
-            _kill_child(child)
+            procs.kill_child(child)
         else:
             if self._runs(proc.pid, proc.control_socket):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
-            if self._wait_gone(proc, _KILL_WAIT) is None:
+            if self._wait_gone(proc, procs.KILL_WAIT) is None:
                 raise BangerError(
-                    f"Firecracker for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {_KILL_WAIT:g}s"
+                    f"Firecracker for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {procs.KILL_WAIT:g}s"
                 )
-        _remove(*proc.sockets, proc.pidfile)
+        procs.remove(*proc.sockets, proc.pidfile)
 
     def alive(self, pid: int) -> bool:
         """`pid` is a live Firecracker started by banger: named like the binary, with an API socket named
         the way banger names them (direct or in a jail). A recycled pid fails one or the other."""
-        argv = _cmdline(pid)
+        argv = procs.cmdline(pid)
         if not argv or os.path.basename(argv[0]) not in self._names:
             return False
         sock = _api_sock_arg(argv)
@@ -458,7 +397,7 @@ class FirecrackerVmm:
 
     def _runs(self, pid: int, api_socket: Path) -> bool:
         """`pid` is a live Firecracker serving exactly `api_socket` (as its argv names it)."""
-        argv = _cmdline(pid)
+        argv = procs.cmdline(pid)
         return bool(argv) and os.path.basename(argv[0]) in self._names and _api_sock_arg(argv) == str(api_socket)
 
     def _poll(self, proc: VmProcess) -> str | None:
@@ -466,12 +405,12 @@ class FirecrackerVmm:
         child = next((c for c in proc.children if c.pid == proc.pid), None)
         if child is not None:
             returncode = child.poll()
-            return None if returncode is None else _describe(returncode)
+            return None if returncode is None else procs.describe(returncode)
         with contextlib.suppress(ChildProcessError):
             reaped, status = os.waitpid(proc.pid, os.WNOHANG)
             if reaped == proc.pid:
-                return _describe(os.waitstatus_to_exitcode(status))
-        return None if self._runs(proc.pid, proc.control_socket) else _describe(None)
+                return procs.describe(os.waitstatus_to_exitcode(status))
+        return None if self._runs(proc.pid, proc.control_socket) else procs.describe(None)
 
     def _wait_gone(self, proc: VmProcess, timeout: float) -> str | None:
         deadline = time.monotonic() + timeout
@@ -479,4 +418,4 @@ class FirecrackerVmm:
             ended = self._poll(proc)
             if ended is not None or time.monotonic() >= deadline:
                 return ended
-            time.sleep(_POLL)
+            time.sleep(procs.POLL)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from banger.errors import AlreadyExists, BangerError, NotFound
 from banger.system.run import find_binary, spawn
+from banger.vmm import procs
 from banger.vmm.base import (
     Backend,
     Capability,
@@ -45,52 +46,17 @@ from banger.vmm.qemu.argv import (
 
 log = logging.getLogger("banger.vmm.qemu")
 
-_POLL = 0.05
-_KILL_WAIT = 10.0  # SIGKILL'd processes normally vanish in milliseconds; longer means stuck in the kernel
-_TAIL_BYTES = 4096
-_TAIL_CHARS = 600
 
 
 # --- /proc helpers ------------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str]:
-    """argv of `pid`, or [] if it is gone or a zombie (whose cmdline reads empty)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0")[:-1]] if raw else []
-
-
 def _runs(pid: int, basename: str, marker: Path | None = None) -> bool:
     """`pid` is a live process whose argv[0] is named `basename` (and has `marker` among its args)."""
-    argv = _cmdline(pid)
+    argv = procs.cmdline(pid)
     if not argv or os.path.basename(argv[0]) != basename:
         return False
     return marker is None or str(marker) in argv[1:]
-
-
-def _tail(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines)[-_TAIL_CHARS:]
-
-
-def _describe(returncode: int | None) -> str:
-    if returncode is None:
-        return "exited"
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
 
 
 def _child(proc: VmProcess, pid: int) -> ChildHandle | None:
@@ -102,12 +68,12 @@ def _poll(proc: VmProcess, pid: int, basename: str, marker: Path) -> str | None:
     child = _child(proc, pid)
     if child is not None:
         returncode = child.poll()
-        return None if returncode is None else _describe(returncode)
+        return None if returncode is None else procs.describe(returncode)
     with contextlib.suppress(ChildProcessError):
         reaped, status = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
-            return _describe(os.waitstatus_to_exitcode(status))
-    return None if _runs(pid, basename, marker) else _describe(None)
+            return procs.describe(os.waitstatus_to_exitcode(status))
+    return None if _runs(pid, basename, marker) else procs.describe(None)
 
 
 def _wait_gone(proc: VmProcess, pid: int, basename: str, marker: Path, timeout: float) -> str | None:
@@ -117,25 +83,13 @@ def _wait_gone(proc: VmProcess, pid: int, basename: str, marker: Path, timeout: 
         ended = _poll(proc, pid, basename, marker)
         if ended is not None or time.monotonic() >= deadline:
             return ended
-        time.sleep(_POLL)
+        time.sleep(procs.POLL)
 
 
 def _sigkill(pid: int, basename: str, marker: Path) -> None:
     if _runs(pid, basename, marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _kill_child(child: ChildHandle) -> None:
-    """SIGKILL and reap a child we started. Until it is reaped its pid cannot be reused, so no check."""
-    if child.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-    deadline = time.monotonic() + _KILL_WAIT
-    while child.poll() is None:
-        if time.monotonic() >= deadline:
-            raise BangerError(f"process {child.pid} survived SIGKILL for {_KILL_WAIT:g}s")
-        time.sleep(_POLL)
 
 
 # --- the backend --------------------------------------------------------------------------------------
@@ -201,11 +155,11 @@ class QemuVmm:
 
     def launch(self, plan: LaunchPlan, *, timeout: float = 30.0) -> VmProcess:
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        running = _read_pid(plan.pidfile)
+        running = procs.read_pid(plan.pidfile)
         if running is not None and _runs(running, QEMU_BASENAME, plan.pidfile):
             raise AlreadyExists(f"QEMU is already running for VM {plan.vm_id} (pid {running})",
                                 hint="stop the VM first")
-        _remove(*plan.sockets_expected, plan.pidfile)
+        procs.remove(*plan.sockets_expected, plan.pidfile)
 
         deadline = time.monotonic() + timeout
         children: list[ChildHandle] = []
@@ -217,8 +171,8 @@ class QemuVmm:
                               env=dict(plan.env))
         except BaseException:
             for started in children:
-                _kill_child(started)
-            _remove(*plan.sockets_expected, plan.pidfile)
+                procs.kill_child(started)
+            procs.remove(*plan.sockets_expected, plan.pidfile)
             raise
         proc = VmProcess(
             vm_id=plan.vm_id,
@@ -248,14 +202,14 @@ class QemuVmm:
             while not sidecar.socket.exists():
                 returncode = child.poll()
                 if returncode is not None:
-                    raise BangerError(f"{sidecar.name} {_describe(returncode)} before creating {sidecar.socket}: "
-                                      f"{_tail(log_path) or 'no output'}")
+                    raise BangerError(f"{sidecar.name} {procs.describe(returncode)} before creating {sidecar.socket}: "
+                                      f"{procs.tail(log_path) or 'no output'}")
                 if time.monotonic() >= deadline:
                     raise BangerError(f"{sidecar.name} did not create {sidecar.socket} in time",
                                       hint=f"see {log_path}")
-                time.sleep(_POLL)
+                time.sleep(procs.POLL)
         except BaseException:
-            _kill_child(child)
+            procs.kill_child(child)
             raise
         return child
 
@@ -270,7 +224,7 @@ class QemuVmm:
             if ended is not None:
                 raise BangerError(
                     f"QEMU for VM {proc.vm_id} {ended} before the VM was running: "
-                    f"{_tail(proc.stderr_log) or 'no output'}",
+                    f"{procs.tail(proc.stderr_log) or 'no output'}",
                     hint=f"full log: {proc.stderr_log}",
                 )
             remaining = deadline - time.monotonic()
@@ -286,7 +240,7 @@ class QemuVmm:
             if time.monotonic() >= deadline:
                 raise BangerError(f"VM {proc.vm_id} was not running within {timeout:g}s ({last})",
                                   hint=f"see {proc.stderr_log}")
-            time.sleep(_POLL)
+            time.sleep(procs.POLL)
 
     # --- pause / resume -----------------------------------------------------------------------------
 
@@ -319,8 +273,8 @@ class QemuVmm:
 
     def kill(self, proc: VmProcess) -> None:
         _sigkill(proc.pid, QEMU_BASENAME, proc.pidfile)
-        if _wait_gone(proc, proc.pid, QEMU_BASENAME, proc.pidfile, _KILL_WAIT) is None:
-            raise BangerError(f"QEMU for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {_KILL_WAIT:g}s")
+        if _wait_gone(proc, proc.pid, QEMU_BASENAME, proc.pidfile, procs.KILL_WAIT) is None:
+            raise BangerError(f"QEMU for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {procs.KILL_WAIT:g}s")
         self._finish(proc)
 
     def alive(self, pid: int) -> bool:
@@ -331,31 +285,18 @@ class QemuVmm:
     def _finish(self, proc: VmProcess) -> None:
         """After QEMU is gone: stop its sidecars (they do not exit with it), remove sockets and pidfile."""
         self._kill_sidecars(proc)
-        _remove(*proc.sockets, proc.pidfile)
+        procs.remove(*proc.sockets, proc.pidfile)
 
     def _kill_sidecars(self, proc: VmProcess) -> None:
         for pid in proc.sidecar_pids:
             child = _child(proc, pid)
             if child is not None:
-                _kill_child(child)
+                procs.kill_child(child)
                 continue
             # Adopted after a daemon restart: only a vhost-device-vsock serving one of our sockets.
             marker = next((s for s in proc.sockets if _runs(pid, VHOST_VSOCK_BIN, s)), None)
             if marker is not None:
                 _sigkill(pid, VHOST_VSOCK_BIN, marker)
-                _wait_gone(proc, pid, VHOST_VSOCK_BIN, marker, _KILL_WAIT)
+                _wait_gone(proc, pid, VHOST_VSOCK_BIN, marker, procs.KILL_WAIT)
 
 
-
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-
-
-def _read_pid(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text(encoding="ascii", errors="replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
