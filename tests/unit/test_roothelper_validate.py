@@ -418,3 +418,14 @@ def test_other_requests() -> None:
 
 def test_quote_escapes_control_characters() -> None:
     assert validate.quote('a"b\x1b') == '"a\\"b\\u001b"'
+
+
+def test_list_taps_request() -> None:
+    from banger.errors import BadRequest
+    from banger.roothelper import validate as v
+
+    assert v.list_taps_request({"bridge": "br-fc-x"}) == "br-fc-x"
+    with pytest.raises(BadRequest, match='bridge name "eth0" is not allowed'):
+        v.list_taps_request({"bridge": "eth0"})
+    with pytest.raises(BadRequest, match=r'priv.list_taps does not take param "all" \(allowed: bridge\)'):
+        v.list_taps_request({"bridge": "br-fc", "all": True})

@@ -474,6 +474,7 @@ class VmService:
             log.info("cleaning up a vm whose VMM is gone", extra={"vm": vm.name})
             async with self.lock(vm.id):
                 await self._stop_locked(vm, force=True)
+        await self.taps.adopt_leftovers()
 
     async def set_workspace(self, vm: model.VmRecord, workspace: dict[str, Any] | None) -> model.VmRecord:
         """Record (or clear) the VM's workspace: guest path, host path, HEAD commit, branch."""

@@ -61,6 +61,23 @@ class TapPool:
         with contextlib.suppress(Exception):
             await self.helper.delete_tap(name)
 
+    async def adopt_leftovers(self) -> None:
+        """Taps of a previous daemon (one killed before it could drain its pool): idle ones join the pool
+        up to its size, the rest are deleted. Call after re-adopting running VMs (`mark_in_use`)."""
+        try:
+            found = (await self.helper.list_taps(self.bridge)).get("taps", [])
+        except Exception as exc:
+            log.warning("could not list leftover taps", extra={"error": str(exc)})
+            return
+        async with self._lock:
+            spare = [t for t in found if t.startswith(PREFIX) and t not in self._in_use and t not in self._idle]
+            keep = spare[: max(0, self.size - len(self._idle))]
+            self._idle.extend(keep)
+            drop = [t for t in spare if t not in keep]
+        for name in drop:
+            with contextlib.suppress(Exception):
+                await self.helper.delete_tap(name)
+
     async def warm(self) -> None:
         """Fill the pool up to `size` in the background; failures are logged, not fatal."""
         async with self._lock:

@@ -32,6 +32,8 @@ class PrivilegedOps(Protocol):
 
     async def delete_bridge(self, name: str) -> dict[str, Any]: ...
 
+    async def list_taps(self, bridge: str) -> dict[str, Any]: ...
+
     async def signal_process(self, pid: int, signal: str) -> dict[str, Any]: ...
 
     async def kill_process(self, pid: int) -> dict[str, Any]: ...
@@ -90,6 +92,9 @@ class HelperClient:
 
     async def delete_tap(self, name: str) -> dict[str, Any]:
         return await self._call_dict("priv.delete_tap", {"name": name})
+
+    async def list_taps(self, bridge: str) -> dict[str, Any]:
+        return await self._call_dict("priv.list_taps", {"bridge": bridge})
 
     async def delete_bridge(self, name: str) -> dict[str, Any]:
         return await self._call_dict("priv.delete_bridge", {"name": name})

@@ -211,6 +211,21 @@ async def delete_bridge(name: str) -> dict[str, Any]:
     return {"name": name, "deleted": True}
 
 
+async def list_taps(bridge: str) -> dict[str, Any]:
+    """banger's taps attached to `bridge` (a daemon restarted after a crash adopts or removes them)."""
+    async with _netlink(f"cannot list taps of {validate.quote(bridge)}") as ipr:
+        br = await _get_link(ipr, bridge)
+        if br is None:
+            return {"bridge": bridge, "taps": []}
+        names = []
+        async for link in await ipr.link("dump"):
+            name = link.get("ifname")
+            if link.get("master") == br["index"] and _is_tap(link) and isinstance(name, str) \
+                    and name.startswith("tap-"):
+                names.append(name)
+    return {"bridge": bridge, "taps": sorted(names)}
+
+
 # --- outbound NAT -------------------------------------------------------------------------------------
 
 # Serialises list -> plan -> apply: the rule handles in a listing are only valid until the next change,
@@ -342,6 +357,10 @@ async def _delete_tap(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any
     return await delete_tap(validate.delete_tap_request(params))
 
 
+async def _list_taps(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    return await list_taps(validate.list_taps_request(params))
+
+
 async def _delete_bridge(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
     return await delete_bridge(validate.delete_bridge_request(params))
 
@@ -372,6 +391,7 @@ METHODS: Mapping[str, MethodHandler] = {
     "priv.ensure_bridge": _ensure_bridge,
     "priv.create_tap": _create_tap,
     "priv.delete_tap": _delete_tap,
+    "priv.list_taps": _list_taps,
     "priv.delete_bridge": _delete_bridge,
     "priv.signal_process": _signal_process,
     "priv.kill_process": _kill_process,

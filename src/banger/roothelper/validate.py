@@ -394,6 +394,11 @@ def delete_tap_request(params: Mapping[str, Any]) -> str:
     return tap_name(params["name"])
 
 
+def list_taps_request(params: Mapping[str, Any]) -> str:
+    check_params("priv.list_taps", params, required=("bridge",))
+    return bridge_name(params["bridge"])
+
+
 def delete_bridge_request(params: Mapping[str, Any]) -> str:
     check_params("priv.delete_bridge", params, required=("name",))
     return bridge_name(params["name"])
