@@ -44,7 +44,7 @@ def main() -> int:
         env.banger("vm", "create", "--name", "bench", check=True)
         env.banger("vm", "ssh", "bench", "--", "true", check=True)  # pins the host key
         vm = next(v for v in env.vms() if v["name"] == "bench")
-        key = Path(env.env["HOME"]) / ".local/state/banger/ssh/id_ed25519"
+        key = env.state_dir / "ssh/id_ed25519"
         known = Path(env.env["HOME"]) / ".local/state/banger/ssh/known_hosts"
         agent = median_seconds(env.exec_argv([sys.executable, "-m", "banger", "vm", "exec", "bench", "-n", "--",
                                               "true"]), env.env, args.runs)
