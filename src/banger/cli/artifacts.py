@@ -51,6 +51,38 @@ def cmd_image_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_register(args: argparse.Namespace) -> int:
+    import os
+
+    from banger.errors import BadRequest
+
+    triple = [f for f, v in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--modules", args.modules)) if v]
+    if args.kernel_ref and triple:
+        raise BadRequest(f"--kernel-ref and {'/'.join(triple)} are mutually exclusive",
+                         hint="use a stored kernel (--kernel-ref) or kernel files (--kernel [--initrd] [--modules])")
+    params = {"name": args.name, "rootfs": os.path.abspath(args.rootfs)}
+    if args.kernel_ref:
+        params["kernel_ref"] = args.kernel_ref
+    for key in ("kernel", "initrd", "modules"):
+        if getattr(args, key):
+            params[key] = os.path.abspath(getattr(args, key))
+    image = call("image.register", params)
+    if args.json:
+        output.print_json(image)
+    else:
+        print(f"registered image {image['name']} ({image['id'][:8]}, unmanaged)")
+    return 0
+
+
+def cmd_image_promote(args: argparse.Namespace) -> int:
+    image = call("image.promote", {"ref": args.image}, timeout=3600)
+    if args.json:
+        output.print_json(image)
+    else:
+        print(f"promoted image {image['name']} ({image['id'][:8]}, {image['rootfs_path']})")
+    return 0
+
+
 def cmd_image_delete(args: argparse.Namespace) -> int:
     deleted = call("image.delete", {"ref": args.image})
     print(f"deleted image {deleted['deleted']} ({deleted['id'][:8]})")
@@ -104,6 +136,19 @@ def cmd_kernel_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel_import(args: argparse.Namespace) -> int:
+    import os
+
+    kernel = call("kernel.import", {"name": args.name, "from": os.path.abspath(args.from_dir),
+                                    "distro": args.distro, "arch": args.arch,
+                                    "kernel_version": args.kernel_version}, timeout=600)
+    if args.json:
+        output.print_json(kernel)
+    else:
+        print(f"{kernel['name']}: {kernel['distro']} {kernel['kernel_version']} ({kernel['vmlinux_path']})")
+    return 0
+
+
 def cmd_kernel_rm(args: argparse.Namespace) -> int:
     call("kernel.delete", {"ref": args.kernel})
     print(f"deleted kernel {args.kernel}")
@@ -115,4 +160,37 @@ def cmd_image_cache_prune(args: argparse.Namespace) -> int:
     size = output.human_bytes(int(result["bytes"]))
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {size} across {result['blobs']} blob(s) in {result['path']}")
+    return 0
+
+
+def cmd_make_bundle(args: argparse.Namespace) -> int:
+    """`banger internal make-bundle`: runs here, not in the daemon (a maintainer's build step)."""
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    from banger.errors import BadRequest
+    from banger.images import bundle
+    from banger.units import UnitError, parse_size
+
+    out_dir = Path(args.out).resolve()
+    if not out_dir.is_dir():
+        raise BadRequest(f"--out {args.out!r} is not a directory")
+    try:
+        size = parse_size(args.size) if args.size else None
+    except UnitError as exc:
+        raise BadRequest(f"--size {exc}") from exc
+    with contextlib.ExitStack() as stack:
+        if args.rootfs_tar == "-":
+            tar = stack.enter_context(bundle.staged_stdin(sys.stdin.buffer, out_dir))
+        else:
+            tar = Path(args.rootfs_tar).resolve()
+            if not tar.is_file():
+                raise BadRequest(f"--rootfs-tar {args.rootfs_tar!r} is not a file")
+        made = bundle.make_bundle(tar, out_dir, name=args.name, distro=args.distro, arch=args.arch,
+                                  kernel_ref=args.kernel_ref, description=args.description, size_bytes=size)
+    if args.json:
+        output.print_json({"path": str(made.path), "sha256": made.sha256, "size": made.size})
+    else:
+        print(f"path:   {made.path}\nsha256: {made.sha256}\nsize:   {made.size}")
     return 0

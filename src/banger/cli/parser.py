@@ -219,6 +219,22 @@ def build() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="<command>", parser_class=BangerParser)
     p = _cmd(cache_sub, "prune", "empty the OCI layer cache", "banger.cli.artifacts:cmd_image_cache_prune")
     p.add_argument("--dry-run", action="store_true", help="only say what would be freed")
+    p = _cmd(image_sub, "register", "register host files (rootfs + kernel) as an unmanaged image",
+             "banger.cli.artifacts:cmd_image_register",
+             "examples:\n  banger image register --name mine --rootfs ./rootfs.ext4 --kernel-ref debian-12-cloud\n"
+             "  banger image register --name mine --rootfs ./rootfs.ext4 --kernel ./vmlinux --initrd ./initrd.img")
+    p.add_argument("--name", required=True, help="image name")
+    p.add_argument("--rootfs", required=True, metavar="P", help="ext4 root filesystem image")
+    _complete(p.add_argument("--kernel-ref", metavar="KERNEL", help="a stored kernel (see `banger kernel list`)"),
+              "kernel")
+    p.add_argument("--kernel", metavar="P", help="kernel file (instead of --kernel-ref)")
+    p.add_argument("--initrd", metavar="P", help="initrd file (with --kernel)")
+    p.add_argument("--modules", metavar="DIR", help="modules directory (with --kernel)")
+    _json(p)
+    p = _cmd(image_sub, "promote", "copy an unmanaged image's files into banger's store",
+             "banger.cli.artifacts:cmd_image_promote", "examples:\n  banger image promote mine")
+    _complete(p.add_argument("image", help="image name or id"), "image")
+    _json(p)
     p = _cmd(image_sub, "delete", "delete an image (refused while a VM uses it)",
              "banger.cli.artifacts:cmd_image_delete", aliases=("rm",))
     _complete(p.add_argument("image", help="image name, id or unique id prefix"), "image")
@@ -239,6 +255,18 @@ def build() -> argparse.ArgumentParser:
     _json(p)
     p = _cmd(kernel_sub, "rm", "delete a local kernel", "banger.cli.artifacts:cmd_kernel_rm", aliases=("delete",))
     _complete(p.add_argument("kernel", help="kernel name"), "kernel")
+    p = _cmd(kernel_sub, "import", "copy a local kernel build (vmlinux, initrd.img, modules/) into the store",
+             "banger.cli.artifacts:cmd_kernel_import",
+             "The maintainer flow before publishing a tarball kernel: --from is a directory holding\n"
+             "vmlinux (an ELF), optionally initrd.img and modules/ (other files are ignored).\n\n"
+             "examples:\n  banger kernel import generic-6.1 --from ./out --distro generic --arch amd64 "
+             "--kernel-version 6.1.140")
+    p.add_argument("name", help="kernel name")
+    p.add_argument("--from", dest="from_dir", required=True, metavar="DIR", help="directory with the build")
+    p.add_argument("--distro", required=True, help="distribution label, e.g. generic or debian")
+    p.add_argument("--arch", default="amd64", help="architecture (amd64)")
+    p.add_argument("--kernel-version", required=True, metavar="V", help="kernel release, e.g. 6.1.140")
+    _json(p)
 
     # doctor, system, ssh-config, version, completion
     p = _cmd(sub, "doctor", "check whether this host is ready", "banger.cli.doctor:cmd_doctor",
@@ -291,12 +319,30 @@ def build() -> argparse.ArgumentParser:
              "  banger completion zsh > \"${fpath[1]}/_banger\"\n"
              "  banger completion fish > ~/.config/fish/completions/banger.fish")
     _complete(p.add_argument("shell", choices=("bash", "zsh", "fish"), help="bash, zsh or fish"), "shell")
+    # Hidden maintainer commands (reference §3.9).
+    internal = sub.add_parser("internal", description="Maintainer commands.")
+    internal_sub = internal.add_subparsers(dest="internal_command", metavar="<command>", parser_class=BangerParser)
+    p = _cmd(internal_sub, "make-bundle", "make an image-catalog bundle from a root filesystem tarball",
+             "banger.cli.artifacts:cmd_make_bundle",
+             "Flattens the tarball, builds the ext4 (owners and modes kept), injects banger's guest files\n"
+             "and writes <name>-<arch>-<sha256 prefix>.tar.zst into --out; prints path, sha256 and size.\n\n"
+             "examples:\n  banger internal make-bundle --rootfs-tar rootfs.tar --name debian-bookworm "
+             "--distro debian --arch amd64 --kernel-ref debian-12-cloud --out dist/")
+    p.add_argument("--rootfs-tar", required=True, metavar="FILE", help="root filesystem tarball, or - for stdin")
+    p.add_argument("--name", required=True, help="image name")
+    p.add_argument("--distro", required=True, help="distribution (debian)")
+    p.add_argument("--arch", required=True, help="architecture (amd64)")
+    p.add_argument("--kernel-ref", required=True, metavar="KERNEL", help="catalog kernel the image boots with")
+    p.add_argument("--description", default="", help="one line for the catalog")
+    p.add_argument("--size", metavar="SIZE", help="ext4 size, e.g. 4G (default: 1.5x the content, at least 1G)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the bundle")
+    p.add_argument("--json", action="store_true", help="print JSON")
     # Hidden: the completion scripts call this.
     hidden = sub.add_parser("__complete", add_help=False)
     hidden.set_defaults(handler="banger.cli.completion:cmd_complete")
     hidden.add_argument("cword", type=int)
     hidden.add_argument("words", nargs=argparse.REMAINDER)
-    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "__complete"]
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("__complete", "internal")]
     return root
 
 

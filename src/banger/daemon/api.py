@@ -117,6 +117,18 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         return {"blobs": usage.blobs, "bytes": usage.bytes, "path": str(d.layout.oci_cache_dir),
                 "dry_run": p.get_bool("dry_run")}
 
+    async def image_register(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        from banger.images.register import RegisterSpec
+
+        p = Params(raw, allowed={"name", "rootfs", "kernel_ref", "kernel", "initrd", "modules"})
+        spec = RegisterSpec(rootfs=p.get_str("rootfs", required=True), kernel_ref=p.get_str("kernel_ref"),
+                            kernel=p.get_str("kernel"), initrd=p.get_str("initrd"), modules=p.get_str("modules"))
+        return (await d.images.register(p.get_str("name", required=True), spec)).to_json()
+
+    async def image_promote(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"ref"})
+        return (await d.images.promote(p.get_str("ref", required=True))).to_json()
+
     async def image_delete(ctx: CallContext, raw: dict[str, Any]) -> Any:
         p = Params(raw, allowed={"ref"})
         img = await d.images.delete(p.get_str("ref", required=True))
@@ -147,6 +159,13 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
             return {"op_id": running.id, "coalesced": True}
         op = d.ops.begin("kernel.pull", name, lambda rep: d.kernels.pull(name, rep))
         return {"op_id": op.id, "coalesced": False}
+
+    async def kernel_import(ctx: CallContext, raw: dict[str, Any]) -> Any:
+        p = Params(raw, allowed={"name", "from", "distro", "arch", "kernel_version"})
+        return await d.kernels.import_dir(
+            p.get_str("name", required=True), p.get_str("from", required=True),
+            distro=p.get_str("distro", required=True), arch=p.get_str("arch") or "amd64",
+            kernel_version=p.get_str("kernel_version", required=True))
 
     async def kernel_delete(ctx: CallContext, raw: dict[str, Any]) -> Any:
         p = Params(raw, allowed={"ref"})
@@ -269,11 +288,14 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "image.pull.begin": image_pull_begin,
         "image.cache.prune": image_cache_prune,
         "image.delete": image_delete,
+        "image.register": image_register,
+        "image.promote": image_promote,
         "kernel.list": kernel_list,
         "kernel.show": kernel_show,
         "kernel.catalog": kernel_catalog,
         "kernel.pull.begin": kernel_pull_begin,
         "kernel.delete": kernel_delete,
+        "kernel.import": kernel_import,
         "vm.create.begin": vm_create_begin,
         "vm.start": fan_out(do_start),
         "vm.stop": fan_out(do_stop),

@@ -24,10 +24,11 @@ from banger.errors import AlreadyExists, BadRequest, NotFound
 if TYPE_CHECKING:
     from banger.daemon.app import Daemon
     from banger.daemon.ops import Reporter
-    from banger.images.catalog import CatalogEntry, GoldenImage
+    from banger.images.catalog import BundleImage, CatalogEntry, GoldenImage
     from banger.images.golden import GoldenResult
     from banger.images.oci.pull import PulledImage
     from banger.images.oci.reference import Reference
+    from banger.images.register import RegisterSpec
 
 log = logging.getLogger("banger.images")
 
@@ -71,7 +72,7 @@ class ImageService:
         from banger.store import kernels as kernel_rows
 
         entry = self.catalog_entry(name)
-        if not isinstance(entry, catalog.GoldenImage):
+        if not isinstance(entry, catalog.GoldenImage | catalog.BundleImage):
             raise BadRequest(f"image {name!r} is of kind {entry.kind!r}, which this version cannot pull yet",
                              hint="use a golden image such as debian-bookworm")
         async with self._lock(name):
@@ -79,7 +80,10 @@ class ImageService:
             if entry.kernel_ref not in {k.name for k in kernel_rows.list_kernels(self.d.store)}:
                 rep.stage(f"pulling kernel {entry.kernel_ref}")
                 await self.d.kernels.pull(entry.kernel_ref, rep)
-            record = await self._build_golden(entry, rep)
+            if isinstance(entry, catalog.BundleImage):
+                record = await self._build_bundle(entry, rep)
+            else:
+                record = await self._build_golden(entry, rep)
             log.info("image pulled", extra={"image": name, "image_id": record.id})
             return record.to_json()
 
@@ -128,6 +132,51 @@ class ImageService:
                 work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
                 kernel_ref=entry.kernel_ref, source=f"golden:{entry.name}", created_at=db.utc_now(),
                 extra={"init": "fast", **result.manifest})
+            rows.insert_image(self.d.store, record)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if final is not None:
+                await asyncio.to_thread(shutil.rmtree, final, True)
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        return record
+
+    async def _build_bundle(self, entry: BundleImage, rep: Reporter) -> model.ImageRecord:
+        """A catalog bundle: bounded download, hash before extraction, then the work seed (images.bundle)."""
+        from banger.images import bundle
+        from banger.images.workseed import build_work_seed
+        from banger.store import db
+        from banger.store import images as rows
+
+        layout = self.d.layout
+        layout.images_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.staging-", dir=layout.images_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.work-", dir=layout.images_dir))
+        final: Path | None = None
+
+        def progress(done: int, total: int | None) -> None:
+            rep.detail(f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB")
+
+        try:
+            rep.stage("downloading and verifying")
+            manifest = await asyncio.to_thread(
+                bundle.pull_bundle, entry.url, entry.sha256, entry.size, work, staging,
+                self.d.config.max_download_bytes, progress=progress)
+            rep.stage("work seed")
+            seed = staging / "work-seed.ext4"
+            has_seed = await asyncio.to_thread(build_work_seed, staging / bundle.ROOTFS, seed, work)
+            rep.stage("registering")
+            image_id = model.new_id()
+            os.chmod(staging, 0o755)  # mkdtemp made it 0700; the VMM (maybe jailed) reads these files
+            final = layout.image_dir(image_id)
+            os.rename(staging, final)
+            record = model.ImageRecord(
+                id=image_id, name=entry.name, managed=True, rootfs_path=str(final / bundle.ROOTFS),
+                kernel_path="", initrd_path="", modules_path="",
+                work_seed_path=str(final / seed.name) if has_seed else "",
+                kernel_ref=entry.kernel_ref, source=f"bundle:{entry.url}", created_at=db.utc_now(),
+                extra={"init": "fast", "bundle_sha256": entry.sha256, "bundle_manifest": manifest})
             rows.insert_image(self.d.store, record)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
@@ -201,6 +250,72 @@ class ImageService:
             raise
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+        return record
+
+    async def register(self, name: str, spec: RegisterSpec) -> model.ImageRecord:
+        """`image register`: an unmanaged image made of host files (banger.images.register)."""
+        from banger.images.register import check_spec
+        from banger.store import db
+        from banger.store import images as rows
+        from banger.store import kernels as kernel_rows
+
+        model.validate_artifact_name("image", name)
+        checked = await asyncio.to_thread(check_spec, spec)
+        if checked.kernel_ref and checked.kernel_ref not in {k.name for k in kernel_rows.list_kernels(self.d.store)}:
+            raise NotFound(f"no kernel named {checked.kernel_ref!r} is stored",
+                           hint="run `banger kernel list` (or `banger kernel pull <name>`)")
+        async with self._lock(name):
+            self._refuse_existing(name)
+            record = model.ImageRecord(
+                id=model.new_id(), name=name, managed=False, rootfs_path=checked.rootfs,
+                kernel_path=checked.kernel, initrd_path=checked.initrd, modules_path=checked.modules,
+                work_seed_path="", kernel_ref=checked.kernel_ref, source="register", created_at=db.utc_now(),
+                extra={"init": "fast"})
+            rows.insert_image(self.d.store, record)
+        log.info("image registered", extra={"image": name, "image_id": record.id})
+        return record
+
+    async def promote(self, ref: str) -> model.ImageRecord:
+        """`image promote`: copy an unmanaged image's files into its own managed directory."""
+        import dataclasses
+
+        from banger.images.register import RegisterSpec, copy_artifacts
+        from banger.images.workseed import build_work_seed
+        from banger.store import images as rows
+
+        image = model.resolve_ref(ref, rows.list_images(self.d.store), kind="image")
+        if image.managed:
+            raise BadRequest(f"image {image.name!r} is already managed")
+        layout = self.d.layout
+        layout.images_dir.mkdir(parents=True, exist_ok=True)
+        async with self._lock(image.name):
+            staging = Path(tempfile.mkdtemp(prefix=f".{image.name}.staging-", dir=layout.images_dir))
+            final: Path | None = None
+            try:
+                spec = RegisterSpec(rootfs=image.rootfs_path, kernel_ref=image.kernel_ref, kernel=image.kernel_path,
+                                    initrd=image.initrd_path, modules=image.modules_path)
+                copied = await asyncio.to_thread(copy_artifacts, spec, staging)
+                seed = staging / "work-seed.ext4"
+                has_seed = await asyncio.to_thread(build_work_seed, staging / "rootfs.ext4", seed, staging)
+                os.chmod(staging, 0o755)
+                final = layout.image_dir(image.id)
+                os.rename(staging, final)
+
+                def moved(path: str) -> str:
+                    return str(final / Path(path).name) if path else ""
+
+                record = dataclasses.replace(
+                    image, managed=True, rootfs_path=moved(copied.rootfs), kernel_path=moved(copied.kernel),
+                    initrd_path=moved(copied.initrd), modules_path=moved(copied.modules),
+                    work_seed_path=str(final / seed.name) if has_seed else "",
+                    extra={**image.extra, "promoted_from": image.rootfs_path})
+                rows.update_image(self.d.store, record)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+                if final is not None:
+                    await asyncio.to_thread(shutil.rmtree, final, True)
+                raise
+        log.info("image promoted", extra={"image": image.name, "image_id": image.id})
         return record
 
     async def delete(self, ref: str) -> model.ImageRecord:

@@ -10,6 +10,10 @@ Kinds:
   picks the package set.
 * `bundle`: a prebuilt `rootfs.ext4` + `manifest.json` archive at `url`, trusted through its embedded
   `sha256` and `size` (none are published yet; the kind is validated so the first one cannot be wrong).
+
+Tests and maintainers can add entries with `BANGER_IMAGE_CATALOG=<path to a catalog JSON file>`, read
+by the process that pulls (the daemon). Those entries may also use `http://` URLs on a loopback host
+(a local test server); their names must not clash with the embedded ones.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -112,7 +118,12 @@ class Catalog:
         return {"version": CATALOG_VERSION, "entries": [e.to_json() for e in self.entries]}
 
 
-def _check_value(field: str, value: Any, kernel_names: Collection[str] | None) -> str | None:
+EXTRA_CATALOG_ENV = "BANGER_IMAGE_CATALOG"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_value(field: str, value: Any, kernel_names: Collection[str] | None,
+                 allow_loopback_http: bool = False) -> str | None:
     """What is wrong with `value` for `field`, or None."""
     if field == "size":
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -126,7 +137,8 @@ def _check_value(field: str, value: Any, kernel_names: Collection[str] | None) -
         return f"sha256 {value!r} must be lowercase hex"
     if field == "url":
         parts = urlsplit(value)
-        if parts.scheme != "https" or not parts.hostname:
+        loopback = allow_loopback_http and parts.scheme == "http" and parts.hostname in _LOOPBACK
+        if (parts.scheme != "https" and not loopback) or not parts.hostname:
             scheme = parts.scheme or "none"
             return f"url {value!r} must be an https:// URL with a host (got scheme {scheme!r})"
         if parts.username or parts.password or parts.query or parts.fragment:
@@ -150,7 +162,8 @@ def _check_value(field: str, value: Any, kernel_names: Collection[str] | None) -
     return None
 
 
-def _parse_entry(index: int, raw: Any, kernel_names: Collection[str] | None) -> CatalogEntry:
+def _parse_entry(index: int, raw: Any, kernel_names: Collection[str] | None,
+                 allow_loopback_http: bool = False) -> CatalogEntry:
     where = f"image catalog entry {index}"
     if not isinstance(raw, dict):
         raise BangerError(f"{where} must be an object, not {type(raw).__name__}")
@@ -177,13 +190,14 @@ def _parse_entry(index: int, raw: Any, kernel_names: Collection[str] | None) -> 
             raise BangerError(f"{where}: missing field {field!r}")
     for field in sorted(raw):
         if field not in ("kind", "name"):
-            problem = _check_value(field, raw[field], kernel_names)
+            problem = _check_value(field, raw[field], kernel_names, allow_loopback_http)
             if problem:
                 raise BangerError(f"{where}: {problem}")
     return cls(**{k: v for k, v in raw.items() if k != "kind"})
 
 
-def parse_catalog(data: Any, kernel_names: Collection[str] | None = None) -> Catalog:
+def parse_catalog(data: Any, kernel_names: Collection[str] | None = None, *,
+                  allow_loopback_http: bool = False) -> Catalog:
     """Validate a decoded catalog document; any problem is a one-line BangerError.
 
     With `kernel_names`, every `kernel_ref` must be one of them.
@@ -198,7 +212,7 @@ def parse_catalog(data: Any, kernel_names: Collection[str] | None = None) -> Cat
         raise BangerError("image catalog 'entries' must be a list")
     entries: list[CatalogEntry] = []
     for index, raw in enumerate(data["entries"]):
-        entry = _parse_entry(index, raw, kernel_names)
+        entry = _parse_entry(index, raw, kernel_names, allow_loopback_http)
         if any(e.name == entry.name for e in entries):
             raise BangerError(f"image catalog entry {index}: duplicate name {entry.name!r}")
         entries.append(entry)
@@ -215,4 +229,19 @@ def load_catalog() -> Catalog:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BangerError(f"embedded image catalog is not valid JSON: {exc}") from exc
-    return parse_catalog(data, {e.name for e in kernel_catalog.load_catalog()})
+    kernel_names = {e.name for e in kernel_catalog.load_catalog()}
+    embedded = parse_catalog(data, kernel_names)
+    extra_path = os.environ.get(EXTRA_CATALOG_ENV)
+    if not extra_path:
+        return embedded
+    try:
+        extra = parse_catalog(json.loads(Path(extra_path).read_text(encoding="utf-8")), kernel_names,
+                              allow_loopback_http=True)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: cannot load it: {exc}") from exc
+    except BangerError as exc:
+        raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: {exc.message}") from exc
+    for entry in extra:
+        if entry.name in embedded.names():
+            raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: entry {entry.name!r} clashes with the embedded catalog")
+    return Catalog(embedded.entries + extra.entries)

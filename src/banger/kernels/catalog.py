@@ -6,8 +6,14 @@ a bad catalog fails in CI rather than on a user's `kernel pull`.
 
 Kinds:
 * `debian`: a Debian kernel package, found through `meta_package` in `suite` (banger.kernels.debian).
-* `source-build`: a kernel built locally from a Debian source package with a named config (later).
-* `tarball`: a prebuilt archive at `url`, trusted through its embedded `sha256` and `size`.
+* `source-build`: a kernel built locally from a Debian source package with a named config
+  (banger.kernels.build).
+* `tarball`: a prebuilt archive at `url`, trusted through its embedded `sha256` and `size`
+  (banger.kernels.tarball).
+
+Tests and maintainers can add entries with `BANGER_KERNEL_CATALOG=<path to a catalog JSON file>`,
+read by the process that pulls (the daemon). Those entries may also use `http://` URLs on a loopback
+host (a local test server); their names must not clash with the embedded ones.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class TarballKernel:
     size: int
     arch: str = "amd64"
     kernel_version: str = ""
+    distro: str = "generic"
     description: str = ""
     kind: ClassVar[str] = "tarball"
 
@@ -103,7 +110,7 @@ _KINDS: dict[str, tuple[type[CatalogEntry], frozenset[str], frozenset[str]]] = {
     "tarball": (
         TarballKernel,
         frozenset({"url", "sha256", "size"}),
-        frozenset({"arch", "description", "kernel_version"}),
+        frozenset({"arch", "description", "kernel_version", "distro"}),
     ),
 }
 
@@ -126,7 +133,11 @@ class Catalog:
         raise NotFound(f"no kernel named {name!r} in the catalog (available: {names})")
 
 
-def _check_value(field: str, value: Any) -> str | None:
+EXTRA_CATALOG_ENV = "BANGER_KERNEL_CATALOG"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_value(field: str, value: Any, allow_loopback_http: bool = False) -> str | None:
     """What is wrong with `value` for `field`, or None."""
     if field == "size":
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -140,6 +151,8 @@ def _check_value(field: str, value: Any) -> str | None:
         return f"sha256 {value!r} must be lowercase hex"
     if field == "url":
         parts = urlsplit(value)
+        if allow_loopback_http and parts.scheme == "http" and parts.hostname in _LOOPBACK:
+            return None
         if parts.scheme != "https" or not parts.netloc:
             return f"url {value!r} must be an https:// URL (got scheme {parts.scheme or 'none'!r})"
     if field == "suite" and not _SUITE.fullmatch(value):
@@ -148,12 +161,12 @@ def _check_value(field: str, value: Any) -> str | None:
         return f"{field} {value!r} is not a valid Debian package name"
     if field == "arch" and value not in ARCHES:
         return f"arch {value!r} is not supported (allowed: {', '.join(ARCHES)})"
-    if field in ("config", "kernel_version") and not value.strip():
+    if field in ("config", "kernel_version", "distro") and not value.strip():
         return f"{field} must not be empty"
     return None
 
 
-def _parse_entry(index: int, raw: Any) -> CatalogEntry:
+def _parse_entry(index: int, raw: Any, allow_loopback_http: bool = False) -> CatalogEntry:
     where = f"kernel catalog entry {index}"
     if not isinstance(raw, dict):
         raise BangerError(f"{where} must be an object, not {type(raw).__name__}")
@@ -181,13 +194,13 @@ def _parse_entry(index: int, raw: Any) -> CatalogEntry:
             raise BangerError(f"{where}: missing field {field!r}")
     for field in sorted(raw):
         if field not in ("kind", "name"):
-            problem = _check_value(field, raw[field])
+            problem = _check_value(field, raw[field], allow_loopback_http)
             if problem:
                 raise BangerError(f"{where}: {problem}")
     return cls(**{k: v for k, v in raw.items() if k != "kind"})
 
 
-def parse_catalog(data: Any) -> Catalog:
+def parse_catalog(data: Any, *, allow_loopback_http: bool = False) -> Catalog:
     """Validate a decoded catalog document; any problem is a one-line BangerError."""
     if not isinstance(data, dict) or set(data) != {"version", "entries"}:
         raise BangerError("kernel catalog must be an object with exactly 'version' and 'entries'")
@@ -199,7 +212,7 @@ def parse_catalog(data: Any) -> Catalog:
         raise BangerError("kernel catalog 'entries' must be a list")
     entries: list[CatalogEntry] = []
     for index, raw in enumerate(data["entries"]):
-        entry = _parse_entry(index, raw)
+        entry = _parse_entry(index, raw, allow_loopback_http)
         if any(e.name == entry.name for e in entries):
             raise BangerError(f"kernel catalog entry {index}: duplicate name {entry.name!r}")
         entries.append(entry)
@@ -208,13 +221,26 @@ def parse_catalog(data: Any) -> Catalog:
 
 @functools.cache
 def load_catalog() -> Catalog:
-    """The catalog embedded in the package."""
+    """The catalog embedded in the package, plus the entries of `$BANGER_KERNEL_CATALOG` if set."""
     text = resources.files("banger.kernels").joinpath("catalog.json").read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BangerError(f"embedded kernel catalog is not valid JSON: {exc}") from exc
-    return parse_catalog(data)
+    embedded = parse_catalog(data)
+    extra_path = os.environ.get(EXTRA_CATALOG_ENV)
+    if not extra_path:
+        return embedded
+    try:
+        extra = parse_catalog(json.loads(Path(extra_path).read_text(encoding="utf-8")), allow_loopback_http=True)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: cannot load it: {exc}") from exc
+    except BangerError as exc:
+        raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: {exc.message}") from exc
+    for entry in extra:
+        if any(e.name == entry.name for e in embedded):
+            raise BangerError(f"{EXTRA_CATALOG_ENV}={extra_path}: entry {entry.name!r} clashes with the embedded catalog")
+    return Catalog(embedded.entries + extra.entries)
 
 
 # --- pulling a Debian kernel -------------------------------------------------------------------------
