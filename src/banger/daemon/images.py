@@ -15,8 +15,10 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from banger import model
 from banger.errors import AlreadyExists, BadRequest, NotFound
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from banger.images.oci.pull import PulledImage
     from banger.images.oci.reference import Reference
     from banger.images.register import RegisterSpec
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("banger.images")
 
@@ -48,6 +52,29 @@ class _ThreadReporter:
 
     def detail(self, text: str) -> None:
         self._rep.detail(text)
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What a builder left in the staging dir: file names there, where it came from, manifest extras."""
+
+    rootfs: str
+    work_seed: str | None
+    source: str
+    extra: dict[str, Any]
+
+
+async def _in_thread(fn: Callable[[], _T], cancel: threading.Event) -> _T:
+    """Run a blocking build in a thread. A thread cannot be killed: on cancel, ask it to stop and wait
+    for it, so nothing writes into the staging dir after it has been cleaned up."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 class ImageService:
@@ -95,43 +122,31 @@ class ImageService:
             raise AlreadyExists(f"image {name!r} already exists (id {existing.id[:model.SHORT_ID_LEN]})",
                                 hint=f"run `banger image delete {name}` first to build it again")
 
-    async def _build_golden(self, entry: GoldenImage, rep: Reporter) -> model.ImageRecord:
-        from banger.images import golden
+    async def _build(self, name: str, kernel_ref: str, rep: Reporter,
+                     produce: Callable[[Path, Path], Awaitable[_Built]]) -> model.ImageRecord:
+        """Build into a staging dir next to the store, then rename it into place and insert the row;
+        any failure (or cancel) removes everything, so nothing half-built is ever left."""
         from banger.store import db
         from banger.store import images as rows
 
         layout = self.d.layout
         layout.images_dir.mkdir(parents=True, exist_ok=True)
-        variant = golden.GoldenVariant(name=entry.name, suite=entry.suite, variant=entry.variant,
-                                       kernel_ref=entry.kernel_ref, arch=entry.arch)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.staging-", dir=layout.images_dir))
-        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.work-", dir=layout.images_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=layout.images_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=layout.images_dir))
         final: Path | None = None
-        cancel = threading.Event()
-        reporter = _ThreadReporter(rep, asyncio.get_running_loop())
-        task = asyncio.ensure_future(asyncio.to_thread(
-            golden.build_golden, variant, self.d.config.kernel_mirror, work, staging,
-            cache_dir=layout.downloads_dir, reporter=reporter, cancel=cancel))
         try:
-            try:
-                result: GoldenResult = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # The thread cannot be killed: ask it to stop and wait, so nothing writes after cleanup.
-                cancel.set()
-                with contextlib.suppress(BaseException):
-                    await task
-                raise
+            built = await produce(work, staging)
             rep.stage("registering")
             image_id = model.new_id()
             os.chmod(staging, 0o755)  # mkdtemp made it 0700; the VMM (maybe jailed) reads these files
             final = layout.image_dir(image_id)
             os.rename(staging, final)
             record = model.ImageRecord(
-                id=image_id, name=entry.name, managed=True,
-                rootfs_path=str(final / result.rootfs.name), kernel_path="", initrd_path="", modules_path="",
-                work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
-                kernel_ref=entry.kernel_ref, source=f"golden:{entry.name}", created_at=db.utc_now(),
-                extra={"init": "fast", **result.manifest})
+                id=image_id, name=name, managed=True, rootfs_path=str(final / built.rootfs),
+                kernel_path="", initrd_path="", modules_path="",
+                work_seed_path=str(final / built.work_seed) if built.work_seed else "",
+                kernel_ref=kernel_ref, source=built.source, created_at=db.utc_now(),
+                extra={"init": "fast", **built.extra})
             rows.insert_image(self.d.store, record)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
@@ -142,23 +157,32 @@ class ImageService:
             await asyncio.to_thread(shutil.rmtree, work, True)
         return record
 
+    async def _build_golden(self, entry: GoldenImage, rep: Reporter) -> model.ImageRecord:
+        from banger.images import golden
+
+        variant = golden.GoldenVariant(name=entry.name, suite=entry.suite, variant=entry.variant,
+                                       kernel_ref=entry.kernel_ref, arch=entry.arch)
+
+        async def produce(work: Path, staging: Path) -> _Built:
+            cancel = threading.Event()
+            reporter = _ThreadReporter(rep, asyncio.get_running_loop())
+            result: GoldenResult = await _in_thread(lambda: golden.build_golden(
+                variant, self.d.config.kernel_mirror, work, staging, cache_dir=self.d.layout.downloads_dir,
+                reporter=reporter, cancel=cancel), cancel)
+            return _Built(result.rootfs.name, result.work_seed.name if result.work_seed is not None else None,
+                          f"golden:{entry.name}", dict(result.manifest))
+
+        return await self._build(entry.name, entry.kernel_ref, rep, produce)
+
     async def _build_bundle(self, entry: BundleImage, rep: Reporter) -> model.ImageRecord:
         """A catalog bundle: bounded download, hash before extraction, then the work seed (images.bundle)."""
         from banger.images import bundle
         from banger.images.workseed import build_work_seed
-        from banger.store import db
-        from banger.store import images as rows
-
-        layout = self.d.layout
-        layout.images_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.staging-", dir=layout.images_dir))
-        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.work-", dir=layout.images_dir))
-        final: Path | None = None
 
         def progress(done: int, total: int | None) -> None:
             rep.detail(f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB")
 
-        try:
+        async def produce(work: Path, staging: Path) -> _Built:
             rep.stage("downloading and verifying")
             manifest = await asyncio.to_thread(
                 bundle.pull_bundle, entry.url, entry.sha256, entry.size, work, staging,
@@ -166,26 +190,10 @@ class ImageService:
             rep.stage("work seed")
             seed = staging / "work-seed.ext4"
             has_seed = await asyncio.to_thread(build_work_seed, staging / bundle.ROOTFS, seed, work)
-            rep.stage("registering")
-            image_id = model.new_id()
-            os.chmod(staging, 0o755)  # mkdtemp made it 0700; the VMM (maybe jailed) reads these files
-            final = layout.image_dir(image_id)
-            os.rename(staging, final)
-            record = model.ImageRecord(
-                id=image_id, name=entry.name, managed=True, rootfs_path=str(final / bundle.ROOTFS),
-                kernel_path="", initrd_path="", modules_path="",
-                work_seed_path=str(final / seed.name) if has_seed else "",
-                kernel_ref=entry.kernel_ref, source=f"bundle:{entry.url}", created_at=db.utc_now(),
-                extra={"init": "fast", "bundle_sha256": entry.sha256, "bundle_manifest": manifest})
-            rows.insert_image(self.d.store, record)
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-            if final is not None:
-                await asyncio.to_thread(shutil.rmtree, final, True)
-            raise
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
-        return record
+            return _Built(bundle.ROOTFS, seed.name if has_seed else None, f"bundle:{entry.url}",
+                          {"bundle_sha256": entry.sha256, "bundle_manifest": manifest})
+
+        return await self._build(entry.name, entry.kernel_ref, rep, produce)
 
     async def pull_oci(self, ref: str, rep: Reporter, *, name: str | None = None,
                        kernel_ref: str | None = None) -> dict[str, Any]:
@@ -209,48 +217,19 @@ class ImageService:
     async def _build_oci(self, ref: Reference, name: str, kernel_ref: str, rep: Reporter) -> model.ImageRecord:
         from banger.images.oci import pull as oci_pull
         from banger.images.oci.registry import docker_config_path
-        from banger.store import db
-        from banger.store import images as rows
 
-        layout = self.d.layout
-        layout.images_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=layout.images_dir))
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=layout.images_dir))
-        final: Path | None = None
-        cancel = threading.Event()
-        reporter = _ThreadReporter(rep, asyncio.get_running_loop())
-        task = asyncio.ensure_future(asyncio.to_thread(
-            oci_pull.pull_image, ref, work, staging, cache_dir=layout.oci_cache_dir, kernel_ref=kernel_ref,
-            name=name, reporter=reporter, cancel=cancel, max_bytes=self.d.config.max_download_bytes,
-            docker_config=docker_config_path(layout.owner_home)))
-        try:
-            try:
-                result: PulledImage = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                cancel.set()  # as for golden builds: stop the thread and wait before cleaning up
-                with contextlib.suppress(BaseException):
-                    await task
-                raise
-            rep.stage("registering")
-            image_id = model.new_id()
-            os.chmod(staging, 0o755)
-            final = layout.image_dir(image_id)
-            os.rename(staging, final)
-            record = model.ImageRecord(
-                id=image_id, name=name, managed=True,
-                rootfs_path=str(final / result.rootfs.name), kernel_path="", initrd_path="", modules_path="",
-                work_seed_path=str(final / result.work_seed.name) if result.work_seed is not None else "",
-                kernel_ref=kernel_ref, source=f"oci:{result.reference}", created_at=db.utc_now(),
-                extra={"init": "fast", **result.manifest})
-            rows.insert_image(self.d.store, record)
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-            if final is not None:
-                await asyncio.to_thread(shutil.rmtree, final, True)
-            raise
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
-        return record
+        async def produce(work: Path, staging: Path) -> _Built:
+            cancel = threading.Event()
+            reporter = _ThreadReporter(rep, asyncio.get_running_loop())
+            layout = self.d.layout
+            result: PulledImage = await _in_thread(lambda: oci_pull.pull_image(
+                ref, work, staging, cache_dir=layout.oci_cache_dir, kernel_ref=kernel_ref, name=name,
+                reporter=reporter, cancel=cancel, max_bytes=self.d.config.max_download_bytes,
+                docker_config=docker_config_path(layout.owner_home)), cancel)
+            return _Built(result.rootfs.name, result.work_seed.name if result.work_seed is not None else None,
+                          f"oci:{result.reference}", dict(result.manifest))
+
+        return await self._build(name, kernel_ref, rep, produce)
 
     async def register(self, name: str, spec: RegisterSpec) -> model.ImageRecord:
         """`image register`: an unmanaged image made of host files (banger.images.register)."""
