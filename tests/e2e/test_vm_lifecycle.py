@@ -90,6 +90,8 @@ def test_create_stop_start_keeps_root_and_dns(env: BangerNetns) -> None:
                                 capture_output=True, text=True, check=True).stdout.strip()
         assert answer == ip
         env.banger("vm", "ssh", "keeper", "--", "sh", "-c", "echo persisted > /root/marker; sync", check=True)
+        stats = json.loads(env.banger("vm", "stats", "keeper", "--json", check=True).stdout)[0]
+        assert stats["rss_bytes"] > 50 << 20 and stats["cpu_seconds"] > 0 and stats["work_disk_bytes"] > 0
         logs = env.banger("vm", "logs", "keeper", check=True).stdout
         assert "Linux version" in logs and "banger: guest ready" in logs
         env.banger("vm", "stop", "keeper", check=True)

@@ -111,7 +111,8 @@ def test_not_found_is_one_line_with_op_id_and_logged(emb: Embedded) -> None:
             ["vm", "frobnicate"],
             "banger: argument <command>: invalid choice: 'frobnicate' (choose from 'list', "
             "'ls', 'show', 'run', 'create', 'start', 'stop', 'restart', 'kill', 'delete', "
-            "'rm', 'set', 'prune', 'logs', 'ssh', 'exec', 'cp', 'ports', 'workspace') (see `banger vm --help`)",
+            "'rm', 'set', 'prune', 'stats', 'logs', 'ssh', 'exec', 'cp', 'ports', 'workspace') "
+            "(see `banger vm --help`)",
         ),
         (["vm", "run", "--vcpu", "two"], "banger: argument --vcpu: invalid int value: 'two' "
                                          "(see `banger vm run --help`)"),

@@ -133,6 +133,10 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("--nat", action=argparse.BooleanOptionalAction, default=None, help="outbound NAT on or off")
     p = _cmd(vm_sub, "prune", "delete every VM that is not running", "banger.cli.vm:cmd_prune")
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p = _cmd(vm_sub, "stats", "CPU time, memory and disk use of VMs", "banger.cli.vm:cmd_stats",
+             "examples:\n  banger vm stats web\n  banger vm stats web db --json")
+    _complete(p.add_argument("vms", nargs="+", metavar="vm", help="VM names or ids"), "vm")
+    _json(p)
     p = _cmd(vm_sub, "logs", "show a VM's console log", "banger.cli.vm:cmd_logs")
     _complete(p.add_argument("vm", help="VM name or id"), "vm")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")

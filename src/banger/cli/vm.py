@@ -335,3 +335,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for v in deleted:
         print(f"deleted {v['name']}")
     return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import sys
+
+    results = call("vm.stats", {"refs": args.vms})["results"]
+    rows = [r["vm"] for r in results if r["ok"]]
+    for r in results:
+        if not r["ok"]:
+            sys.stderr.write(f"banger: {r['ref']}: {r['error']['message']}\n")
+    if args.json:
+        output.print_json(rows)
+    else:
+        def size(v: Any) -> str:
+            return output.human_bytes(int(v)) if v is not None else "-"
+
+        output.print_table(
+            ["NAME", "STATE", "VCPU", "CPU TIME", "RSS", "UPTIME", "OVERLAY", "WORK DISK"],
+            [[s["name"], s["state"], s["vcpu"],
+              f"{s['cpu_seconds']:.1f}s" if s.get("cpu_seconds") is not None else "-",
+              size(s.get("rss_bytes")),
+              f"{s['uptime_seconds']:.0f}s" if s.get("uptime_seconds") is not None else "-",
+              size(s.get("overlay_bytes")), size(s.get("work_disk_bytes"))] for s in rows])
+    return 1 if len(rows) != len(results) else 0

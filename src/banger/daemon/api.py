@@ -274,6 +274,9 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
 
         return await workspace.export(d, ctx, raw)
 
+    async def do_stats(vm: model.VmRecord) -> Any:
+        return vm_stats(d, vm)
+
     table: dict[str, Callable[[CallContext, dict[str, Any]], Any]] = {
         "daemon.ping": ping,
         "daemon.shutdown": shutdown,
@@ -306,6 +309,7 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "vm.ssh_info": vm_ssh_info,
         "vm.set": vm_set,
         "vm.prune": vm_prune,
+        "vm.stats": fan_out(do_stats),
         "vm.exec": vm_exec,
         "vm.ports": vm_ports,
         "vm.cp.push": vm_cp_push,
@@ -314,3 +318,31 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         "vm.workspace.export": vm_workspace_export,
     }
     return table
+
+
+def vm_stats(d: Daemon, vm: model.VmRecord) -> dict[str, Any]:
+    """What the host sees of a VM: the VMM's CPU time and memory (from /proc) and the disk space its
+    sparse disks really use."""
+    import time
+    from pathlib import Path
+
+    stats: dict[str, Any] = {"name": vm.name, "state": str(vm.state), "vcpu": vm.spec.vcpu,
+                             "memory_mib": vm.spec.memory_mib}
+    pid = vm.runtime.get("pid")
+    if vm.state == model.VmState.RUNNING and pid:
+        try:
+            fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            stats["cpu_seconds"] = round((int(fields[11]) + int(fields[12])) / ticks, 2)
+            rss_pages = int(Path(f"/proc/{int(pid)}/statm").read_text().split()[1])
+            stats["rss_bytes"] = rss_pages * os.sysconf("SC_PAGE_SIZE")
+            started = float(vm.runtime.get("started_at") or 0.0)
+            stats["uptime_seconds"] = round(time.time() - started, 1) if started else None
+        except (OSError, ValueError, IndexError):
+            stats["cpu_seconds"] = stats["rss_bytes"] = stats["uptime_seconds"] = None
+    for key, name in (("overlay_bytes", "overlay.ext4"), ("work_disk_bytes", "work.ext4")):
+        try:
+            stats[key] = (d.layout.vm_dir(vm.id) / name).stat().st_blocks * 512
+        except OSError:
+            stats[key] = None
+    return stats
