@@ -181,6 +181,8 @@ def _ssh_argv(info: dict[str, Any], command: list[str] | None, tty: bool) -> lis
 
     from banger.guest.ssh import ssh_argv
 
+    if info.get("control_dir"):
+        Path(info["control_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     return ssh_argv(info["ip"], key=Path(info["key"]), known_hosts=Path(info["known_hosts"]),
                     host_alias=info["alias"], command=command or None, tty=tty,
                     control_dir=Path(info["control_dir"]) if info.get("control_dir") else None,
@@ -197,7 +199,8 @@ def _wait_ssh(info: dict[str, Any]) -> None:
         Path(info["control_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     wait_for_ssh(info["ip"], deadline=time.monotonic() + float(info["wait_timeout"]), key=Path(info["key"]),
                  known_hosts=Path(info["known_hosts"]), alias=info["alias"], vm_name=info["name"],
-                 control_dir=Path(info["control_dir"]) if info.get("control_dir") else None)
+                 control_dir=Path(info["control_dir"]) if info.get("control_dir") else None,
+                 scan=not info.get("host_key_pinned"))
 
 
 def _run_ssh(argv: list[str]) -> int:
