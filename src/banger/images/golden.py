@@ -28,13 +28,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from banger.errors import BangerError
 from banger.images import ext4
 from banger.images.flatten import flatten_tar_file
 from banger.images.guestfiles import guest_files
 from banger.images.inject import inject
+from banger.images.progress import BuildReporter, Silent
 from banger.images.workseed import build_work_seed
 from banger.system.run import find_binary, run, spawn
 
@@ -76,20 +77,6 @@ CUSTOMIZE_HOOKS: tuple[str, ...] = (
 )
 
 
-class BuildReporter(Protocol):
-    """Progress sink; both methods are called from the building thread."""
-
-    def stage(self, name: str) -> None: ...
-
-    def detail(self, text: str) -> None: ...
-
-
-class _Silent:
-    def stage(self, name: str) -> None:
-        pass
-
-    def detail(self, text: str) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -367,7 +354,7 @@ def build_golden(variant: GoldenVariant, mirror: str, work_dir: Path, out_dir: P
     on failure `out_dir` may hold partial files and is the caller's to remove too. `cancel` is checked
     between steps and while mmdebstrap runs.
     """
-    rep: BuildReporter = reporter if reporter is not None else _Silent()
+    rep: BuildReporter = reporter if reporter is not None else Silent()
     timings: dict[str, float] = {}
 
     def checkpoint() -> None:

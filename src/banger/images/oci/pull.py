@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, cast
 
 from banger.errors import BadRequest, BangerError
 from banger.images import ext4
@@ -52,6 +52,7 @@ from banger.images.oci.registry import (
     load_docker_credentials,
 )
 from banger.images.oci.verify import DigestMismatch, SizeMismatch, VerifyingReader, check_bytes
+from banger.images.progress import BuildReporter, Silent
 from banger.images.workseed import build_work_seed
 
 log = logging.getLogger("banger.images.oci.pull")
@@ -60,18 +61,6 @@ DEFAULT_MAX_BYTES = 16 << 30
 _PROGRESS_EVERY = 0.25
 
 
-class Reporter(Protocol):
-    def stage(self, name: str) -> None: ...
-
-    def detail(self, text: str) -> None: ...
-
-
-class _Silent:
-    def stage(self, name: str) -> None:
-        pass
-
-    def detail(self, text: str) -> None:
-        pass
 
 
 class Canceled(BangerError):
@@ -156,7 +145,7 @@ class _LayerFeed:
     """Layers for `flatten_layers`, one open stream at a time, each verified when flatten is done with it."""
 
     def __init__(self, client: RegistryClient, cache: OciLayout, ref: Reference, layers: tuple[Descriptor, ...],
-                 reporter: Reporter, cancel: threading.Event | None) -> None:
+                 reporter: BuildReporter, cancel: threading.Event | None) -> None:
         self.client, self.cache, self.ref, self.layers = client, cache, ref, layers
         self.reporter, self.cancel = reporter, cancel
         self.total = sum(d.size for d in layers)
@@ -258,7 +247,7 @@ def _deleting(tree: Path) -> Iterator[None]:
 
 
 def pull_image(ref: str | Reference, work_dir: Path, out_dir: Path, *, cache_dir: Path, kernel_ref: str,
-               name: str | None = None, reporter: Reporter | None = None, cancel: threading.Event | None = None,
+               name: str | None = None, reporter: BuildReporter | None = None, cancel: threading.Event | None = None,
                max_bytes: int = DEFAULT_MAX_BYTES, client: RegistryClient | None = None,
                docker_config: Path | None = None, plain_http: Collection[str] = ()) -> PulledImage:
     """Pull `ref` into `out_dir` (rootfs.ext4, work-seed.ext4, manifest.json); scratch goes to `work_dir`.
@@ -269,7 +258,7 @@ def pull_image(ref: str | Reference, work_dir: Path, out_dir: Path, *, cache_dir
     """
     parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
     image_name = name or default_image_name(parsed)
-    rep: Reporter = reporter if reporter is not None else _Silent()
+    rep: BuildReporter = reporter if reporter is not None else Silent()
     own_client = client is None
     if client is None:
         creds = load_docker_credentials(docker_config or docker_config_path())
@@ -284,7 +273,7 @@ def pull_image(ref: str | Reference, work_dir: Path, out_dir: Path, *, cache_dir
 
 
 def _pull(ref: Reference, name: str, work_dir: Path, out_dir: Path, cache: OciLayout, client: RegistryClient,
-          rep: Reporter, cancel: threading.Event | None, max_bytes: int, kernel_ref: str) -> PulledImage:
+          rep: BuildReporter, cancel: threading.Event | None, max_bytes: int, kernel_ref: str) -> PulledImage:
     timings: dict[str, float] = {}
     warnings: list[str] = []
 
