@@ -1,8 +1,9 @@
 """One shared connection to each running VM's guest agent.
 
 QEMU's virtio-serial chardev takes one client at a time, so the daemon holds the connection and
-everything that talks to the agent goes through it (the protocol multiplexes channels). A lost
-connection (guest reboot, restore, agent restart) is replaced on next use.
+everything that talks to the agent goes through it (the protocol multiplexes channels). A vsock
+channel would take more, but one held stream keeps both transports alike and saves the handshake per
+request. A lost connection (guest reboot, restore, agent restart) is replaced on next use.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from banger.daemon.vmplan import AgentEndpoint
     from banger.guest.agent_client import AgentClient
 
 log = logging.getLogger("banger.agents")
@@ -24,11 +25,16 @@ class AgentRegistry:
         self._clients: dict[str, AgentClient] = {}
         self._lock = threading.Lock()
 
-    def connect(self, vm_id: str, socket_path: Path, deadline: float) -> AgentClient:
+    def connect(self, vm_id: str, endpoint: AgentEndpoint, deadline: float) -> AgentClient:
         """Wait (blocking) until the agent answers health; keep the connection."""
         from banger.guest.agent_client import AgentClient, wait_ready
 
-        client = wait_ready(lambda: AgentClient.connect_serial(socket_path, timeout=2.0), deadline)
+        def attempt() -> AgentClient:
+            if endpoint.transport == "vsock":
+                return AgentClient.connect_vsock_uds(endpoint.path, timeout=2.0)
+            return AgentClient.connect_serial(endpoint.path, timeout=2.0)
+
+        client = wait_ready(attempt, deadline)
         with self._lock:
             old = self._clients.pop(vm_id, None)
             self._clients[vm_id] = client
@@ -36,12 +42,12 @@ class AgentRegistry:
             old.close()
         return client
 
-    def get(self, vm_id: str, socket_path: Path, timeout: float = 10.0) -> AgentClient:
+    def get(self, vm_id: str, endpoint: AgentEndpoint, timeout: float = 10.0) -> AgentClient:
         with self._lock:
             client = self._clients.get(vm_id)
         if client is not None and not client.closed:
             return client
-        return self.connect(vm_id, socket_path, time.monotonic() + timeout)
+        return self.connect(vm_id, endpoint, time.monotonic() + timeout)
 
     def drop(self, vm_id: str) -> None:
         with self._lock:

@@ -228,7 +228,7 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         return d.vms.ssh_info(vm)
 
     async def vm_set(ctx: CallContext, raw: dict[str, Any]) -> Any:
-        from banger.daemon.vms import set_spec
+        from banger.daemon.vmdisks import set_spec
 
         vm = d.vms.resolve(Params(raw).get_str("ref", required=True))
         return (await set_spec(d.vms, vm, raw)).to_json()

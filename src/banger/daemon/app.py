@@ -20,10 +20,11 @@ if TYPE_CHECKING:
     from banger.daemon.agents import AgentRegistry
     from banger.daemon.images import ImageService
     from banger.daemon.kernels import KernelService
+    from banger.daemon.vmplan import BackendChoice
     from banger.daemon.vms import VmService
     from banger.roothelper.client import PrivilegedOps
     from banger.store.db import Store
-    from banger.vmm.base import Vmm
+    from banger.vmm.base import Backend, Vmm
 
 log = logging.getLogger("banger.daemon")
 
@@ -47,7 +48,9 @@ class Daemon:
     _vms: VmService | None = None
     _kernels: KernelService | None = None
     _images: ImageService | None = None
-    _vmm: Vmm | None = None
+    _vmms: dict[Backend, Vmm] = field(default_factory=dict)
+    _backend: BackendChoice | None = None
+    _kvm: tuple[bool, str] | None = None
 
     def authorize(self, peer: PeerCred) -> str | None:
         # The socket is 0600 and owned by the owner; this is the second lock on the door.
@@ -79,15 +82,51 @@ class Daemon:
             self._images = ImageService(self)
         return self._images
 
-    def vmm(self) -> Vmm:
+    def default_backend(self) -> BackendChoice:
         """The configured backend; `auto` is QEMU unless Firecracker is present and KVM runs guests."""
-        if self._vmm is None:
-            from banger.vmm.base import BACKENDS, Backend
+        if self._backend is None:
+            from banger.daemon.vmplan import choose_backend
 
-            choice = self.config.vmm
-            backend = Backend.FIRECRACKER if choice == "firecracker" else Backend.QEMU
-            self._vmm = BACKENDS[backend]()
-        return self._vmm
+            cfg = self.config
+            self._backend = choose_backend(cfg.vmm, self._firecracker_bin(), self._kvm_runs_guests)
+            log.info("vmm chosen", extra={"vmm": str(self._backend.backend), "reason": self._backend.reason})
+        return self._backend
+
+    def vmm_for(self, backend: Backend) -> Vmm:
+        """One backend object per kind, made on first use (QEMU's probes KVM once)."""
+        vmm = self._vmms.get(backend)
+        if vmm is None:
+            from banger.vmm.base import Backend
+
+            if backend == Backend.FIRECRACKER:
+                from banger.vmm.firecracker.backend import FirecrackerVmm
+
+                vmm = FirecrackerVmm(firecracker_bin=self._firecracker_bin())
+            else:
+                from banger.vmm.qemu.backend import QemuVmm
+
+                qemu_bin = str(self.config.qemu_bin) if self.config.qemu_bin else None
+                vmm = QemuVmm(qemu_bin=qemu_bin, accel="kvm" if self._kvm_runs_guests()[0] else "tcg")
+            self._vmms[backend] = vmm
+        return vmm
+
+    def _firecracker_bin(self) -> str | None:
+        from banger.system.run import find_binary
+
+        configured = self.config.firecracker_bin
+        if configured is not None:
+            return str(configured) if configured.is_file() else None
+        return find_binary("firecracker")
+
+    def _kvm_runs_guests(self) -> tuple[bool, str]:
+        """Whether a tiny probe guest really runs under KVM here (a PVM host's /dev/kvm does not run stock
+        kernels); asked once per daemon."""
+        if self._kvm is None:
+            from banger.system.kvm_probe import probe_kvm
+
+            probe = probe_kvm()
+            self._kvm = (probe.usable, probe.reason)
+        return self._kvm
 
     def dns_set(self, name: str, ip: str) -> None:
         if self.dns is not None:

@@ -141,8 +141,8 @@ def running_vm(d: Daemon, ref: str) -> model.VmRecord:
 
 
 async def agent_for(d: Daemon, vm: model.VmRecord, timeout: float = AGENT_CONNECT_TIMEOUT) -> AgentClient:
-    sock = d.vms.agent_socket(vm)
-    return await in_thread(lambda: d.agents.get(vm.id, sock, timeout=timeout), f"agent-connect {vm.name}")
+    endpoint = d.vms.agent_endpoint(vm)
+    return await in_thread(lambda: d.agents.get(vm.id, endpoint, timeout=timeout), f"agent-connect {vm.name}")
 
 
 def guest_command(agent: AgentClient, argv: list[str], cancel: Cancel, *, cwd: str | None = None,

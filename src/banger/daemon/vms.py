@@ -12,23 +12,24 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger import model, namegen
+from banger.daemon import vmplan
 from banger.errors import BadRequest, BangerError, NotFound
 from banger.network import ipam
 
 if TYPE_CHECKING:
     from banger.daemon.app import Daemon
-    from banger.vmm.base import VmProcess, VmSpec
+    from banger.daemon.vmplan import AgentEndpoint
+    from banger.vmm.base import Vmm, VmProcess
 
 log = logging.getLogger("banger.vms")
 
 Stage = Callable[[str], None]
-INIT_PATH = "/usr/local/libexec/banger-init"
 STOP_GRACE = 15.0
 
 
@@ -61,7 +62,7 @@ class VmService:
     def resolve(self, ref: str) -> model.VmRecord:
         return model.resolve_ref(ref, self.all(), kind="vm")
 
-    def _save(self, vm: model.VmRecord) -> model.VmRecord:
+    def save(self, vm: model.VmRecord) -> model.VmRecord:
         from banger.store import vms as rows
 
         vm = replace(vm, updated_at=_now())
@@ -75,10 +76,12 @@ class VmService:
         from banger.store import images as image_rows
 
         p = Params(raw, allowed={"name", "image", "vcpu", "memory_mib", "disk_size_bytes", "nat", "no_start",
-                                 "init"})
+                                 "init", "vmm"})
         init = p.get_str("init")
         if init not in ("", "fast", "systemd"):
             raise BadRequest(f"init {init!r} is not one of fast, systemd")
+        if p.get_str("vmm"):
+            vmplan.parse_backend(p.get_str("vmm"))
         name = p.get_str("name")
         if name:
             model.validate_vm_name(name)
@@ -135,23 +138,25 @@ class VmService:
         name, spec, image = self.validate_spec(raw)
         stage("reserving")
         vm = await self.reserve(name, spec, image)
-        if raw.get("init"):
-            vm = self._save(replace(vm, runtime={**vm.runtime, "init": str(raw["init"])}))
+        chosen = {key: str(raw[value]) for key, value in (("init", "init"), ("vmm_requested", "vmm"))
+                  if raw.get(value)}
+        if chosen:
+            vm = self.save(replace(vm, runtime={**vm.runtime, **chosen}))
         try:
             async with self.lock(vm.id):
                 if not raw.get("no_start"):
                     vm = await self._start_locked(vm, stage)
                 runtime = dict(vm.runtime)
                 runtime.pop("creating", None)
-                vm = self._save(replace(vm, runtime=runtime))
+                vm = self.save(replace(vm, runtime=runtime))
         except BaseException:
             # A create that fails leaves nothing behind: no row, no disk, no tap, no process.
             with contextlib.suppress(Exception):
-                await self._delete_locked(self._reload(vm.id))
+                await self._delete_locked(self.reload(vm.id))
             raise
         return vm.to_json()
 
-    def _reload(self, vm_id: str) -> model.VmRecord:
+    def reload(self, vm_id: str) -> model.VmRecord:
         from banger.store import vms as rows
 
         return rows.get_vm(self.d.store, vm_id)
@@ -159,7 +164,7 @@ class VmService:
     # --- start ---------------------------------------------------------------------------------------
     async def start(self, vm: model.VmRecord, stage: Stage) -> model.VmRecord:
         async with self.lock(vm.id):
-            vm = self._reload(vm.id)
+            vm = self.reload(vm.id)
             if vm.state == model.VmState.RUNNING and self._alive(vm):
                 return vm
             return await self._start_locked(vm, stage)
@@ -171,6 +176,7 @@ class VmService:
             self._bridge_ready = True
 
     async def _start_locked(self, vm: model.VmRecord, stage: Stage) -> model.VmRecord:
+        from banger.daemon import vmdisks
         from banger.store import images as image_rows
 
         image = image_rows.get_image(self.d.store, vm.image_id)
@@ -178,18 +184,21 @@ class VmService:
         runtime: dict[str, Any] = dict(vm.runtime)
         try:
             await _enter(stage, "preparing disks")
-            await asyncio.to_thread(self._prepare_disks, vm, image, vm_dir, runtime)
+            await asyncio.to_thread(vmdisks.prepare_disks, self.d.config, vm, image, vm_dir, runtime)
+            # `--vmm` sticks to the VM; otherwise each start takes the host's current choice.
+            requested = runtime.get("vmm_requested")
+            runtime["vmm"] = str(requested or (await asyncio.to_thread(self.d.default_backend)).backend)
             await _enter(stage, "network")
             await self._ensure_bridge()
             if not runtime.get("tap"):
                 runtime["tap"] = await self.taps.acquire()
-                vm = self._save(replace(vm, runtime=runtime))
+                vm = self.save(replace(vm, runtime=runtime))
             if vm.spec.nat:
-                await self._nat_add(vm, runtime)
+                await self.nat_add(vm, runtime)
             await _enter(stage, "booting")
-            proc = await asyncio.to_thread(self._launch, vm, image, vm_dir, runtime)
-            runtime.update(_proc_to_runtime(proc))
-            vm = self._save(replace(vm, state=model.VmState.RUNNING, runtime=runtime, last_error=""))
+            proc = await asyncio.to_thread(self._launch, vm, image, runtime)
+            runtime.update(vmplan.proc_to_runtime(proc))
+            vm = self.save(replace(vm, state=model.VmState.RUNNING, runtime=runtime, last_error=""))
             self.d.dns_set(vm.name, vm.guest_ip)
             await _enter(stage, "waiting for guest agent")
             await self._wait_agent(vm, proc.pid, Path(runtime["console_log"]))
@@ -197,46 +206,28 @@ class VmService:
             await self._wait_guest(vm, proc.pid, Path(runtime["console_log"]))
             if await asyncio.to_thread(self._pin_via_agent, vm):
                 runtime["host_key_pinned"] = True
-                vm = self._save(replace(vm, runtime=runtime))
+                vm = self.save(replace(vm, runtime=runtime))
             stage("running")
             return vm
         except BaseException as exc:
             await self._teardown(vm, runtime)
             message = exc.message if isinstance(exc, BangerError) else str(exc) or type(exc).__name__
             with contextlib.suppress(Exception):
-                self._save(replace(vm, state=model.VmState.ERROR, runtime=runtime, last_error=message))
+                self.save(replace(vm, state=model.VmState.ERROR, runtime=runtime, last_error=message))
             raise
 
-    def _prepare_disks(self, vm: model.VmRecord, image: model.ImageRecord, vm_dir: Path,
-                       runtime: dict[str, Any]) -> None:
-        from banger.guest import identity
-        from banger.guest.ssh import ensure_key, public_key
-        from banger.images import ext4
-        from banger.vmm.base import mac_for
+    def run_dir(self, vm: model.VmRecord) -> Path:
+        return self.d.layout.runtime_dir / "vms" / vm.short_id
 
-        vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cfg = self.d.config
-        overlay = vm_dir / "overlay.ext4"
-        work = vm_dir / "work.ext4"
-        net = identity.NetworkIdentity(name=vm.name, ip=vm.guest_ip, prefix=cfg.cidr, gateway=cfg.bridge_ip,
-                                       dns=cfg.default_dns, mac=mac_for(vm.id))
-        if not overlay.exists():
-            ext4.make_empty_ext4(overlay, vm.spec.system_overlay_size_bytes, label="overlay")
-            ext4.write_files(overlay, identity.overlay_files(net))
-        if not work.exists():
-            ensure_key(cfg.ssh_key_path)
-            seed = Path(image.work_seed_path) if image.work_seed_path else None
-            ext4.make_empty_ext4(work, vm.spec.disk_size_bytes, label="work")
-            if seed is not None and seed.exists():
-                _copy_seed(seed, work, vm_dir)
-            sync = [identity.SyncEntry(e.host, e.guest, e.mode) for e in cfg.file_sync]
-            files = identity.work_files(public_key(cfg.ssh_key_path), identity.host_git_identity(), sync)
-            ext4.write_files(work, files)
-        runtime.update({"vm_dir": str(vm_dir), "overlay": str(overlay), "work_disk": str(work),
-                        "mac": net.mac, "console_log": str(vm_dir / "console.log")})
+    def agent_endpoint(self, vm: model.VmRecord) -> AgentEndpoint:
+        from banger.daemon.vmplan import AgentEndpoint
 
-    def agent_socket(self, vm: model.VmRecord) -> Path:
-        return self.d.layout.runtime_dir / "vms" / vm.short_id / "agent.sock"
+        return AgentEndpoint.from_runtime(vm.runtime, self.run_dir(vm))
+
+    def vmm(self, runtime: Mapping[str, Any]) -> Vmm:
+        """The backend a VM was launched with, from its runtime record (QEMU for records older than
+        that choice)."""
+        return self.d.vmm_for(vmplan.parse_backend(str(runtime.get("vmm") or "qemu")))
 
     async def _wait_agent(self, vm: model.VmRecord, pid: int, console: Path) -> None:
         """Until the guest agent answers health, watching the VMM. An image without the agent (registered
@@ -246,14 +237,14 @@ class VmService:
         from banger.guest.agent_client import AgentVersionMismatch
 
         deadline = time.monotonic() + self.d.config.ssh_wait_timeout
-        vmm = self.d.vmm()
-        sock = self.agent_socket(vm)
+        vmm = self.vmm(vm.runtime)
+        endpoint = self.agent_endpoint(vm)
         while time.monotonic() < deadline:
             if not vmm.alive(pid):
                 raise BangerError(f"vm {vm.name!r} stopped while booting: {_tail_lines(console, 6)}",
                                   hint=f"the full console is in {console}")
             try:
-                await asyncio.to_thread(self.d.agents.connect, vm.id, sock, time.monotonic() + 3.0)
+                await asyncio.to_thread(self.d.agents.connect, vm.id, endpoint, time.monotonic() + 3.0)
                 return
             except AgentVersionMismatch:
                 raise
@@ -268,7 +259,7 @@ class VmService:
         from banger.guest import knownhosts
 
         try:
-            data, _ = self.d.agents.get(vm.id, self.agent_socket(vm), timeout=3.0).read_file(
+            data, _ = self.d.agents.get(vm.id, self.agent_endpoint(vm), timeout=3.0).read_file(
                 "/etc/ssh/ssh_host_ed25519_key.pub")
             fields = data.decode("ascii", "replace").split()
             if len(fields) < 2:
@@ -287,7 +278,7 @@ class VmService:
         import time
 
         deadline = time.monotonic() + self.d.config.ssh_wait_timeout
-        vmm = self.d.vmm()
+        vmm = self.vmm(vm.runtime)
         while time.monotonic() < deadline:
             if not vmm.alive(pid):
                 tail = _tail_lines(console, 6)
@@ -302,45 +293,25 @@ class VmService:
             return
         log.warning("guest did not open port 22 before the deadline", extra={"vm": vm.name})
 
-    def _vm_spec(self, vm: model.VmRecord, image: model.ImageRecord, vm_dir: Path,
-                 runtime: dict[str, Any]) -> VmSpec:
-        from banger.vmm.base import DriveSpec, NicSpec, VmSpec
-
-        kernel, initrd = self._boot_files(image)
-        # Per VM (`--init`), else the image's default; banger's fast init unless the image says otherwise.
-        init_mode = str(vm.runtime.get("init") or image.extra.get("init", "fast"))
-        cmdline = (f"console=ttyS0 root=/dev/vda ro rootfstype=ext4 init={INIT_PATH} banger.overlay=/dev/vdb "
-                   f"banger.work=/dev/vdc banger.init={init_mode} panic=-1")
-        run_dir = self.d.layout.runtime_dir / "vms" / vm.short_id
-        return VmSpec(
-            vm_id=vm.id, name=vm.name, vcpu=vm.spec.vcpu, memory_mib=vm.spec.memory_mib,
-            kernel=kernel, initrd=initrd, cmdline=cmdline, console_log=vm_dir / "console.log", run_dir=run_dir,
-            agent_socket=run_dir / "agent.sock",
-            drives=(DriveSpec("rootfs", Path(image.rootfs_path), read_only=True, root=True),
-                    DriveSpec("overlay", Path(runtime["overlay"])),
-                    DriveSpec("work", Path(runtime["work_disk"]))),
-            nics=(NicSpec("net0", runtime["tap"], runtime["mac"]),),
-        )
-
-    def _boot_files(self, image: model.ImageRecord) -> tuple[Path, Path | None]:
-        from banger.store import kernels as kernel_rows
-
-        if image.kernel_ref:
-            k = kernel_rows.get_kernel(self.d.store, image.kernel_ref)
-            kernel = Path(k.vmlinux_path or k.kernel_path)
-            return kernel, Path(k.initrd_path) if k.initrd_path else None
-        return Path(image.kernel_path), Path(image.initrd_path) if image.initrd_path else None
-
-    def _launch(self, vm: model.VmRecord, image: model.ImageRecord, vm_dir: Path,
-                runtime: dict[str, Any]) -> VmProcess:
-        spec = self._vm_spec(vm, image, vm_dir, runtime)
-        vmm = self.d.vmm()
-        spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def _launch(self, vm: model.VmRecord, image: model.ImageRecord, runtime: dict[str, Any]) -> VmProcess:
+        backend = vmplan.parse_backend(str(runtime["vmm"]))
+        run_dir = self.run_dir(vm)
+        agent = vmplan.agent_endpoint_for(backend, run_dir, vmplan.find_vhost_vsock(self.d.config))
+        kernel, initrd = vmplan.boot_files(self.d.store, image, backend)
+        spec = vmplan.vm_spec(vm, image, kernel=kernel, initrd=initrd, run_dir=run_dir, runtime=runtime,
+                              agent=agent)
+        runtime.update(agent.to_runtime())
+        vmm = self.d.vmm_for(backend)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = vmm.launch(vmm.plan(spec))
-        vmm.configure(proc, spec)
+        try:
+            vmm.configure(proc, spec)
+        except BaseException:
+            vmm.kill(proc)
+            raise
         return proc
 
-    async def _nat_add(self, vm: model.VmRecord, runtime: dict[str, Any]) -> None:
+    async def nat_add(self, vm: model.VmRecord, runtime: dict[str, Any]) -> None:
         await self.d.helper.nat_add(vm.id, vm.guest_ip, runtime["tap"])
         runtime["nat"] = True
 
@@ -349,11 +320,11 @@ class VmService:
         pid = vm.runtime.get("pid")
         if not pid:
             return False
-        return self.d.vmm().alive(int(pid))
+        return self.vmm(vm.runtime).alive(int(pid))
 
     async def stop(self, vm: model.VmRecord, *, force: bool = False) -> model.VmRecord:
         async with self.lock(vm.id):
-            vm = self._reload(vm.id)
+            vm = self.reload(vm.id)
             return await self._stop_locked(vm, force=force)
 
     def ssh_info(self, vm: model.VmRecord) -> dict[str, Any]:
@@ -371,7 +342,7 @@ class VmService:
     def _guest_poweroff(self, vm: model.VmRecord) -> bool:
         """Ask the guest to power off, through its agent or else over SSH; True if it accepted."""
         try:
-            self.d.agents.get(vm.id, self.agent_socket(vm), timeout=3.0).poweroff(timeout=5.0)
+            self.d.agents.get(vm.id, self.agent_endpoint(vm), timeout=3.0).poweroff(timeout=5.0)
             return True
         except BangerError as exc:
             log.info("guest poweroff through the agent failed", extra={"vm": vm.name, "error": exc.message})
@@ -404,19 +375,19 @@ class VmService:
 
     async def _stop_locked(self, vm: model.VmRecord, *, force: bool = False) -> model.VmRecord:
         runtime = dict(vm.runtime)
-        proc = _proc_from_runtime(vm.id, runtime)
+        proc = vmplan.proc_from_runtime(vm.id, runtime)
         if proc is not None:
-            vmm = self.d.vmm()
+            vmm = self.vmm(runtime)
             if force or not vmm.alive(proc.pid):
                 await asyncio.to_thread(vmm.kill, proc)
             else:
                 asked = await asyncio.to_thread(self._guest_poweroff, vm)
                 await asyncio.to_thread(vmm.stop, proc, STOP_GRACE if asked else 3.0)
         await self._teardown(vm, runtime)
-        for key in ("pid", "control_socket", "pidfile", "stderr_log", "sockets", "started_at", "run_dir"):
+        for key in vmplan.PROC_KEYS:
             runtime.pop(key, None)
         state = model.VmState.STOPPED if vm.state != model.VmState.CREATED or proc else vm.state
-        return self._save(replace(vm, state=state, runtime=runtime))
+        return self.save(replace(vm, state=state, runtime=runtime))
 
     async def _teardown(self, vm: model.VmRecord, runtime: dict[str, Any]) -> None:
         """Release host resources of a VM that is not running (any subset may already be gone)."""
@@ -433,14 +404,15 @@ class VmService:
         tap = runtime.pop("tap", None)
         if tap:
             await self.taps.release(str(tap))
-        proc = _proc_from_runtime(vm.id, runtime)
-        if proc is not None and not self.d.vmm().alive(proc.pid):
+        proc = vmplan.proc_from_runtime(vm.id, runtime)
+        vmm = self.vmm(runtime)
+        if proc is not None and not vmm.alive(proc.pid):
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.d.vmm().kill, proc)
+                await asyncio.to_thread(vmm.kill, proc)
 
     async def delete(self, vm: model.VmRecord) -> None:
         async with self.lock(vm.id):
-            await self._delete_locked(self._reload(vm.id))
+            await self._delete_locked(self.reload(vm.id))
         self._locks.pop(vm.id, None)
 
     async def _delete_locked(self, vm: model.VmRecord) -> None:
@@ -469,7 +441,7 @@ class VmService:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return
-        vmm = self.d.vmm()
+        vmm = self.vmm(vm.runtime)
         if vmm.alive(pid):
             proc = VmProcess(vm_id=vm.id, pid=pid, run_dir=run_dir, control_socket=run_dir / "qmp.sock",
                              pidfile=pidfile, stderr_log=run_dir / "qemu.stderr.log", sockets=())
@@ -501,30 +473,7 @@ class VmService:
     async def set_workspace(self, vm: model.VmRecord, workspace: dict[str, Any] | None) -> model.VmRecord:
         """Record (or clear) the VM's workspace: guest path, host path, HEAD commit, branch."""
         async with self.lock(vm.id):
-            return self._save(replace(self._reload(vm.id), workspace=workspace))
-
-
-def _copy_seed(seed: Path, work: Path, vm_dir: Path) -> None:
-    """Copy the image's /root seed into a fresh work disk (rdump out, write in; no mounts)."""
-    import tempfile
-
-    from banger.images import ext4
-    from banger.images.inject import GuestFile
-
-    with tempfile.TemporaryDirectory(dir=vm_dir) as tmp:
-        root = Path(tmp)
-        ext4.rdump_root(seed, root)
-        files: list[GuestFile] = []
-        for path in sorted(root.rglob("*")):
-            rel = "/" + str(path.relative_to(root))
-            if path.is_symlink() or rel == "/lost+found" or rel.startswith("/lost+found/"):
-                continue
-            if path.is_dir():
-                files.append(GuestFile(rel, None, path.stat().st_mode & 0o7777, kind="dir"))
-            elif path.is_file():
-                files.append(GuestFile(rel, path.read_bytes(), path.stat().st_mode & 0o7777))
-        if files:
-            ext4.write_files(work, files)
+            return self.save(replace(self.reload(vm.id), workspace=workspace))
 
 
 async def _enter(stage: Stage, name: str) -> None:
@@ -544,70 +493,3 @@ def _tail_lines(path: Path, count: int) -> str:
     except OSError:
         return "(no console output)"
     return " | ".join(lines[-count:]) or "(no console output)"
-
-
-def _proc_to_runtime(proc: VmProcess) -> dict[str, Any]:
-    return {"pid": proc.pid, "run_dir": str(proc.run_dir), "control_socket": str(proc.control_socket),
-            "pidfile": str(proc.pidfile), "stderr_log": str(proc.stderr_log),
-            "sockets": [str(s) for s in proc.sockets], "sidecar_pids": list(proc.sidecar_pids),
-            "started_at": proc.started_at}
-
-
-def _proc_from_runtime(vm_id: str, runtime: dict[str, Any]) -> VmProcess | None:
-    from banger.vmm.base import VmProcess
-
-    if not runtime.get("pid"):
-        return None
-    return VmProcess(vm_id=vm_id, pid=int(runtime["pid"]), run_dir=Path(runtime["run_dir"]),
-                     control_socket=Path(runtime["control_socket"]), pidfile=Path(runtime["pidfile"]),
-                     stderr_log=Path(runtime["stderr_log"]), sockets=tuple(Path(s) for s in runtime["sockets"]),
-                     sidecar_pids=tuple(int(p) for p in runtime.get("sidecar_pids", ())),
-                     started_at=float(runtime.get("started_at", 0.0)))
-
-
-
-async def set_spec(svc: VmService, vm: model.VmRecord, raw: dict[str, Any]) -> model.VmRecord:
-    """`vm set`: CPU and memory apply at the next start (refused while running); the work disk only
-    grows, with the VM stopped; NAT switches on or off at once."""
-    from banger.rpc.protocol import Params
-
-    p = Params(raw, allowed={"ref", "vcpu", "memory_mib", "disk_size_bytes", "nat"})
-    vcpu = p.get_int("vcpu", minimum=1, maximum=32)
-    memory = p.get_int("memory_mib", minimum=128, maximum=65536)
-    disk = p.get_int("disk_size_bytes", minimum=64 << 20)
-    nat = raw.get("nat")
-    if nat is not None and not isinstance(nat, bool):
-        raise BadRequest(f"param 'nat' must be true or false, got {nat!r}")
-    async with svc.lock(vm.id):
-        vm = svc._reload(vm.id)
-        running = vm.state == model.VmState.RUNNING
-        if running and (vcpu is not None or memory is not None or disk is not None):
-            raise BadRequest(f"vm {vm.name!r} is running; vcpu, memory and disk size change only while stopped",
-                             hint=f"banger vm stop {vm.name}, then set, then start")
-        spec = vm.spec
-        if disk is not None and disk != spec.disk_size_bytes:
-            if disk < spec.disk_size_bytes:
-                raise BadRequest(f"the work disk can only grow (now {spec.disk_size_bytes} bytes, asked {disk})")
-            work = svc.d.layout.vm_dir(vm.id) / "work.ext4"
-            if work.exists():
-                await asyncio.to_thread(_grow_ext4, work, disk)
-        runtime = dict(vm.runtime)
-        if nat is not None and nat != spec.nat and running:
-            if nat:
-                await svc._nat_add(vm, runtime)
-            else:
-                await svc.d.helper.nat_remove(vm.id)
-                runtime.pop("nat", None)
-        spec = replace(spec, vcpu=vcpu or spec.vcpu, memory_mib=memory or spec.memory_mib,
-                       disk_size_bytes=disk or spec.disk_size_bytes, nat=spec.nat if nat is None else nat)
-        return svc._save(replace(vm, spec=spec, runtime=runtime))
-
-
-def _grow_ext4(image: Path, size: int) -> None:
-    import os
-
-    from banger.system.run import run
-
-    run(["e2fsck", "-f", "-p", str(image)], check=False)
-    os.truncate(image, size)
-    run(["resize2fs", str(image)])
