@@ -6,6 +6,8 @@ import configparser
 import fnmatch
 import os
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -23,6 +25,10 @@ EXPECTED: dict[str, tuple[str, int]] = {
     "/usr/local/libexec/banger-fast-init": ("file", 0o755),
     "/usr/local/libexec/banger-network": ("file", 0o755),
     "/usr/local/bin/banger-agent": ("file", 0o755),
+    "/usr/local/lib/banger": ("dir", 0o755),
+    "/usr/local/lib/banger/banger_agent.py": ("file", 0o644),
+    "/usr/local/lib/banger/__pycache__": ("dir", 0o755),
+    f"/usr/local/lib/banger/__pycache__/banger_agent.{sys.implementation.cache_tag}.pyc": ("file", 0o644),
     f"{UNITS}/banger-agent.service": ("file", 0o644),
     f"{UNITS}/multi-user.target.wants/banger-agent.service": ("symlink", 0o777),
     "/etc/banger": ("dir", 0o755),
@@ -131,6 +137,46 @@ def test_ctrl_alt_del_powers_off_and_slow_units_are_masked() -> None:
 
 
 def test_agent_is_the_package_file_and_runs_with_the_guest_python() -> None:
-    agent = by_path()["/usr/local/bin/banger-agent"].data
-    assert agent == (REPO / "src/banger/guest/agent.py").read_bytes()
-    assert agent is not None and agent.startswith(b"#!/usr/bin/python3")
+    files = by_path()
+    assert files["/usr/local/lib/banger/banger_agent.py"].data == (REPO / "src/banger/guest/agent.py").read_bytes()
+    launcher = files["/usr/local/bin/banger-agent"].data
+    assert launcher is not None and launcher.startswith(b"#!/usr/bin/python3\n")
+
+
+def _write_tree(root: Path, only: tuple[str, ...]) -> None:
+    for f in guest_files():
+        if f.path.startswith(only) and f.kind == "file" and f.data is not None:
+            dest = root / f.path.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.data)
+            dest.chmod(f.mode)
+
+
+def test_agent_starts_from_its_shipped_bytecode(tmp_path: Path) -> None:
+    """The launcher imports the agent module and Python takes the shipped pyc instead of compiling the
+    source (`python -v` names the file each code object came from); the launcher's path is rewritten
+    to the tree written here."""
+    _write_tree(tmp_path, ("/usr/local/lib/banger", "/usr/local/bin/banger-agent"))
+    lib = tmp_path / "usr/local/lib/banger"
+    launcher = (tmp_path / "usr/local/bin/banger-agent").read_text().replace("/usr/local/lib/banger", str(lib))
+    (lib / "__pycache__").chmod(0o555)  # nothing may be (re)written: the pyc must be used as shipped
+    try:
+        proc = subprocess.run([sys.executable, "-B", "-v", "-c", launcher.replace("run()", "print(run)"),
+                               "--help"], capture_output=True, text=True, timeout=60)
+    finally:
+        (lib / "__pycache__").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("<function run at ")
+    pyc = lib / "__pycache__" / f"banger_agent.{sys.implementation.cache_tag}.pyc"
+    assert f"# code object from '{pyc}'" in proc.stderr
+
+
+def test_stale_agent_bytecode_is_not_trusted(tmp_path: Path) -> None:
+    """A pyc that does not match the source beside it (an edited agent) is ignored: checked hash."""
+    _write_tree(tmp_path, ("/usr/local/lib/banger",))
+    lib = tmp_path / "usr/local/lib/banger"
+    (lib / "banger_agent.py").write_text("run = 'edited source'\n")
+    proc = subprocess.run([sys.executable, "-B", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
+                           "import banger_agent; print(banger_agent.run)"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout == "edited source\n", proc.stderr

@@ -1104,7 +1104,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command: main(), then exit at once (daemon threads may sit in blocking calls; nothing is
+    left to clean up)."""
     code = main()
     logging.shutdown()
-    os._exit(code)  # daemon threads may sit in blocking calls; nothing is left to clean up
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run()
