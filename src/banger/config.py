@@ -39,9 +39,10 @@ LogLevel = Literal["debug", "info", "warn", "error"]
 VmmKind = Literal["auto", "firecracker", "qemu"]
 Provenance = Literal["config", "host heuristic", "builtin"]
 
-# Looked up on PATH when firecracker_bin / qemu_bin are not set.
+# Looked up on PATH when firecracker_bin / qemu_bin / vhost_vsock_bin are not set.
 FIRECRACKER_BIN_NAME = "firecracker"
 QEMU_BIN_NAME = "qemu-system-x86_64"
+VHOST_VSOCK_BIN_NAME = "vhost-device-vsock"
 
 IFNAMSIZ_MAX = 15  # Linux IFNAMSIZ is 16 bytes including the terminating NUL.
 
@@ -382,6 +383,7 @@ class Config:
     jailer_enabled: bool
     jailer_chroot_base: Path
     qemu_bin: Path | None
+    vhost_vsock_bin: Path | None
     ssh_key_path: Path
     ssh_wait_timeout: float
     default_image_name: str
@@ -416,6 +418,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting("jailer_chroot_base", _parse_path, default_factory=lambda layout: layout.state_dir / "jail",
             help="jailer chroots; must be on the image store's file system (hard links)"),
     Setting("qemu_bin", _parse_path, None, help=f"qemu binary (default: {QEMU_BIN_NAME} on PATH)"),
+    Setting("vhost_vsock_bin", _parse_path, None,
+            help=f"vhost-user vsock backend for QEMU's vsock agent transport (default: {VHOST_VSOCK_BIN_NAME} on PATH)"),
     Setting("ssh_key_path", _parse_path, default_factory=lambda layout: layout.ssh_key,
             help="banger's SSH private key (generated if missing)"),
     Setting("ssh_wait_timeout", _duration(1.0), parse_duration("240s"),

@@ -2,14 +2,19 @@
 
 Kernel: the Debian cloud kernel + busybox mini initrd from banger's kernel catalog (conftest.py).
 Root: a read-only 32 MiB busybox ext4 whose /sbin/init prints BANGER-E2E-READY; a writable scratch
-disk; the agent channel over virtio-serial.
+disk; the agent channel over virtio-serial. The vsock test boots a second root with the host's python3
+and banger's real guest agent, reached through the real vhost-device-vsock (skipped, with the install
+command, when it is not on PATH).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from banger.errors import AlreadyExists, BangerError
+from banger.guest import agent as agent_module
+from banger.guest.agent_client import AgentClient, AgentUnavailable, wait_ready
 from banger.model import new_id
-from banger.vmm.base import DriveSpec, Sidecar, VmProcess, VmSpec
+from banger.vmm.base import DriveSpec, Sidecar, VmProcess, VmSpec, VsockSpec
 from banger.vmm.qemu import qmp
 from banger.vmm.qemu.backend import QemuVmm
 from tests.e2e.conftest import BootKernel
@@ -264,3 +271,130 @@ def test_sidecar_that_dies_early_reports_its_output(vmm: QemuVmm, tmp_path: Path
     assert caught.value.message == f"fake-sidecar exited with status 3 before creating {sock}: cannot bind"
     assert not (spec.run_dir / "qemu.stderr.log").exists()  # QEMU was never started
     assert _zombie_children() == []
+
+
+# --- the vsock agent transport: the real vhost-device-vsock and the real guest agent ---------------------
+
+INSTALL_VHOST_VSOCK = "sudo banger internal install-vhost-vsock"
+GUEST_CID = 3
+VSOCK_READY_TIMEOUT = 120.0
+# PID 1 of the agent rootfs: the kernel's vsock transport came from the initramfs (DEFAULT_MODULES); the
+# marker line shows whether it is there, then the real banger-agent serves AF_VSOCK port 1024 only.
+AGENT_INIT = r"""#!/bin/sh
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+vsock=$(cat /sys/module/vmw_vsock_virtio_transport/initstate 2>/dev/null || echo absent)
+echo "BANGER-E2E-READY uptime=$(cut -d' ' -f1 /proc/uptime) vsock_transport=$vsock"
+exec /usr/bin/python3 -I -S /usr/local/bin/banger-agent --no-serial
+"""
+AGENT_APPLETS = ("sh", "mount", "cat", "cut", "echo", "ls", "uname", "sleep")
+# Parts of the host's standard library the agent never imports; the rest keeps the guest honest.
+_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+                "site-packages", "dist-packages"}
+
+
+@pytest.fixture(scope="session")
+def vhost_vsock_bin() -> str:
+    from banger.system.run import find_binary
+
+    path = find_binary("vhost-device-vsock")
+    if path is None:
+        pytest.skip(f"vhost-device-vsock is not on PATH, so the vsock agent transport cannot be tested: "
+                    f"install it with `{INSTALL_VHOST_VSOCK}`")
+    return path
+
+
+def _copy_with_libs(binary: Path, tree: Path) -> None:
+    """`binary` and the shared libraries `ldd` names, at the same paths inside `tree`."""
+    listing = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    for path in {binary, *(Path(m) for m in re.findall(r"(/\S+) \(0x", listing))}:
+        target = tree / str(path).lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)  # follows symlinks: the guest gets the files themselves
+
+
+@pytest.fixture(scope="session")
+def agent_rootfs(boot_kernel: BootKernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only ext4 with busybox, the host's Debian python3 (binary, libraries, standard library) and
+    banger's real guest agent, which PID 1 execs."""
+    python = Path(os.path.realpath("/usr/bin/python3"))
+    busybox = Path("/bin/busybox")
+    if not python.is_file() or not busybox.is_file():
+        pytest.skip("the vsock agent test needs Debian's python3 and busybox-static on the host")
+    stdlib = Path("/usr/lib") / python.name
+    work = tmp_path_factory.mktemp("agent-rootfs")
+    tree = work / "tree"
+    for directory in ("bin", "sbin", "dev", "proc", "sys", "tmp", "run", "root", "usr/local/bin"):
+        (tree / directory).mkdir(parents=True)
+    shutil.copy2(busybox, tree / "bin/busybox")
+    for applet in AGENT_APPLETS:
+        (tree / "bin" / applet).symlink_to("busybox")
+    _copy_with_libs(python, tree)
+    (tree / "usr/bin/python3").symlink_to(python.name)
+    shutil.copytree(stdlib, tree / str(stdlib).lstrip("/"), ignore_dangling_symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n in _STDLIB_SKIP or n.startswith("config-")
+                                             or ".opt-" in n])
+    shutil.copy2(Path(agent_module.__file__), tree / "usr/local/bin/banger-agent")
+    (tree / "usr/local/bin/banger-agent").chmod(0o755)
+    init = tree / "sbin/init"
+    init.write_text(AGENT_INIT)
+    init.chmod(0o755)
+    image = work / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "e2e-agent", "-d", str(tree), str(image), "160M"],
+                   check=True, capture_output=True)
+    shutil.rmtree(tree)
+    return image
+
+
+def test_agent_over_vhost_vsock(vmm: QemuVmm, boot_kernel: BootKernel, agent_rootfs: Path, vhost_vsock_bin: str,
+                                tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    uds = run_dir / "vsock.sock"
+    spec = VmSpec(
+        vm_id=new_id(), name="e2e-vsock", vcpu=1, memory_mib=256, kernel=boot_kernel.vmlinux,
+        initrd=boot_kernel.initrd, cmdline="root=/dev/vda ro", console_log=tmp_path / "console.log",
+        run_dir=run_dir, drives=(DriveSpec("root", agent_rootfs, read_only=True, root=True),),
+        vsock=VsockSpec(GUEST_CID, uds),
+    )  # fmt: skip
+    plan = vmm.plan(spec)
+    assert [s.name for s in plan.sidecars] == ["vhost-device-vsock"]
+    started = time.monotonic()
+    proc = vmm.launch(plan, timeout=30)
+    try:
+        [sidecar] = proc.sidecar_pids
+        assert os.path.realpath(f"/proc/{sidecar}/exe") == os.path.realpath(vhost_vsock_bin)
+        try:
+            client = wait_ready(lambda: AgentClient.connect_vsock_uds(uds, timeout=5.0),
+                                time.monotonic() + VSOCK_READY_TIMEOUT)
+        except AgentUnavailable as exc:
+            console = spec.console_log.read_text(errors="replace")[-3000:] if spec.console_log.exists() else ""
+            sidecar_log = (run_dir / "vhost-device-vsock.log").read_text(errors="replace")[-1000:]
+            raise AssertionError(f"{exc}\nconsole tail:\n{console}\nvhost-device-vsock log:\n{sidecar_log}") from exc
+        ready_at = time.monotonic() - started
+        with client:
+            assert client.info is not None and client.info.protocol == 1
+            begun = time.monotonic()
+            result = client.run(["/bin/sh", "-c", "uname -r; cat /sys/module/vmw_vsock_virtio_transport/initstate;"
+                                 " echo to-stderr >&2; exit 7"])
+            exec_s = time.monotonic() - begun
+            assert result.status.code == 7
+            assert result.stdout.decode().split() == [boot_kernel.kernel_version, "live"]
+            assert result.stderr == b"to-stderr\n"
+            # Every CONNECT is a stream of its own: a second client works alongside the first.
+            with AgentClient.connect_vsock_uds(uds, timeout=5.0) as second:
+                assert second.health().ok
+                assert second.run(["/bin/echo", "second"]).stdout == b"second\n"
+        console = spec.console_log.read_text(errors="replace")
+        assert "vsock_transport=live" in console
+        print(f"\n[qemu e2e] vsock agent via {vhost_vsock_bin}: answered {ready_at:.2f}s after launch, "
+              f"exec round trip {exec_s * 1000:.0f} ms")
+    finally:
+        vmm.kill(proc)
+    assert not Path(f"/proc/{sidecar}").exists(), "vhost-device-vsock outlived the VM"
+    _assert_nothing_left(vmm, proc)
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_socket()) == []
+    assert not uds.exists() and not (run_dir / "vhost-vsock.sock").exists()

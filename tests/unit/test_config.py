@@ -25,8 +25,8 @@ SOURCE = "/home/u/.config/banger/config.toml"
 HOME = Path("/home/u")
 GIB = 1 << 30
 TOP_KEYS = (
-    "log_level, vmm, firecracker_bin, jailer_bin, jailer_enabled, jailer_chroot_base, qemu_bin, ssh_key_path, "
-    "ssh_wait_timeout, default_image_name, auto_stop_stale_after, stats_poll_interval, metrics_poll_interval, "
+    "log_level, vmm, firecracker_bin, jailer_bin, jailer_enabled, jailer_chroot_base, qemu_bin, vhost_vsock_bin, "
+    "ssh_key_path, ssh_wait_timeout, default_image_name, auto_stop_stale_after, stats_poll_interval, metrics_poll_interval, "
     "bridge_name, bridge_ip, cidr, tap_pool_size, default_dns, max_download_bytes, kernel_mirror, vm_defaults, "
     "file_sync"
 )
@@ -78,6 +78,7 @@ def test_defaults_with_no_file(layout: Layout) -> None:
         jailer_enabled=True,
         jailer_chroot_base=layout.state_dir / "jail",
         qemu_bin=None,
+        vhost_vsock_bin=None,
         ssh_key_path=layout.ssh_key,
         ssh_wait_timeout=240.0,
         default_image_name="debian-bookworm",
@@ -162,6 +163,9 @@ GOOD = [
     ("jailer_enabled = false", "jailer_enabled", False),
     ('jailer_chroot_base = "/srv/jail/"', "jailer_chroot_base", Path("/srv/jail")),
     ('qemu_bin = "/usr/bin/qemu-system-x86_64"', "qemu_bin", Path("/usr/bin/qemu-system-x86_64")),
+    ('vhost_vsock_bin = "/usr/local/bin/vhost-device-vsock"', "vhost_vsock_bin",
+     Path("/usr/local/bin/vhost-device-vsock")),
+    ('vhost_vsock_bin = "~/bin/vhost-device-vsock"', "vhost_vsock_bin", HOME / "bin/vhost-device-vsock"),
     ('ssh_key_path = "~/.ssh/banger"', "ssh_key_path", HOME / ".ssh/banger"),
     ('ssh_key_path = "/etc//banger/./key"', "ssh_key_path", Path("/etc/banger/key")),
     ('ssh_wait_timeout = "10m"', "ssh_wait_timeout", 600.0),
@@ -250,6 +254,10 @@ BAD = [
     ("jailer_enabled", "jailer_enabled = 1", "jailer_enabled 1 is an integer; expected a boolean (true or false)"),
     ("jailer_chroot_base", 'jailer_chroot_base = "jail"', f'jailer_chroot_base "jail" {NOT_ABSOLUTE}'),
     ("qemu_bin", 'qemu_bin = "qemu-system-x86_64"', f'qemu_bin "qemu-system-x86_64" {NOT_ABSOLUTE}'),
+    ("vhost_vsock_bin", 'vhost_vsock_bin = "vhost-device-vsock"', f'vhost_vsock_bin "vhost-device-vsock" {NOT_ABSOLUTE}'),
+    ("vhost_vsock_bin", 'vhost_vsock_bin = ""', 'vhost_vsock_bin "" is empty (must be absolute or start with ~/)'),
+    ("vhost_vsock_bin", 'vhost_vsock_bin = "/usr/../bin/v"', 'vhost_vsock_bin "/usr/../bin/v" has a ".." component (not allowed)'),
+    ("vhost_vsock_bin", "vhost_vsock_bin = true", "vhost_vsock_bin true is a boolean; expected a path string"),
     ("ssh_key_path", 'ssh_key_path = "keys/id"', f'ssh_key_path "keys/id" {NOT_ABSOLUTE}'),
     ("ssh_key_path", 'ssh_key_path = "~"', f'ssh_key_path "~" {NOT_ABSOLUTE}'),
     ("ssh_wait_timeout", 'ssh_wait_timeout = "0"', 'ssh_wait_timeout "0" is too short (must be at least 1s)'),

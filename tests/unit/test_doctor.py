@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -162,6 +163,60 @@ def test_firecracker_not_on_path_is_a_warning(tmp_path: Path) -> None:
         assert result.hint is not None and "no distro package" in result.hint
     else:
         assert result.details[0] == find_binary("firecracker")
+
+
+# --- guest agent transport (QEMU): vhost-device-vsock ---------------------------------------------------
+
+INSTALL_CMD = "sudo banger internal install-vhost-vsock"
+
+
+def test_agent_transport_result_pass_names_version_and_path() -> None:
+    recorded = checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", recorded="0.3.0-2",
+                                             version_text="vhost-device-vsock 0.3.0\n")
+    assert recorded.status == "PASS"
+    assert recorded.summary == "vsock via vhost-device-vsock 0.3.0-2 (/usr/local/bin/vhost-device-vsock)"
+    assert recorded.details == ("/usr/local/bin/vhost-device-vsock", "vhost-device-vsock 0.3.0",
+                                "installed by banger internal install-vhost-vsock")
+    assert recorded.hint is None
+    # Installed some other way: the version comes from --version.
+    other = checks.agent_transport_result("/usr/bin/vhost-device-vsock", version_text="vhost-device-vsock 0.2.1\n")
+    assert (other.status, other.summary) == ("PASS", "vsock via vhost-device-vsock 0.2.1 (/usr/bin/vhost-device-vsock)")
+    odd = checks.agent_transport_result("/opt/v", version_text="no digits here\n")
+    assert (odd.status, odd.summary) == ("PASS", "vsock via vhost-device-vsock (unknown version) (/opt/v)")
+
+
+def test_agent_transport_result_warns_with_the_install_command() -> None:
+    missing = checks.agent_transport_result(None)
+    assert missing.status == "WARN"
+    assert missing.summary == "virtio-serial fallback (vhost-device-vsock not found)"
+    assert missing.hint == f"for the vsock transport, install it: {INSTALL_CMD}"
+    configured = checks.agent_transport_result(None, configured="/opt/vhost")
+    assert configured.status == "WARN"
+    assert configured.summary == "virtio-serial fallback (vhost_vsock_bin /opt/vhost is not an executable file)"
+    assert configured.hint is not None and INSTALL_CMD in configured.hint and "vhost_vsock_bin" in configured.hint
+    broken = checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", error="GLIBC_2.38 not found")
+    assert broken.status == "WARN"
+    assert broken.summary == ("virtio-serial fallback (/usr/local/bin/vhost-device-vsock does not run: "
+                              "GLIBC_2.38 not found)")
+    assert broken.hint is not None and INSTALL_CMD in broken.hint
+
+
+def test_agent_transport_check_runs_the_configured_binary(tmp_path: Path) -> None:
+    good = fake_tool(tmp_path / "bin", "vhost-device-vsock", "echo 'vhost-device-vsock 0.3.0'")
+    result = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good))
+    assert (result.status, result.summary) == ("PASS", f"vsock via vhost-device-vsock 0.3.0 ({good})")
+    # A record written by install-vhost-vsock names the Debian version, but only for the file it installed.
+    record = Path(good + ".version")
+    digest = hashlib.sha256(Path(good).read_bytes()).hexdigest()
+    record.write_text(json.dumps({"version": "0.3.0-2", "sha256": digest}))
+    assert checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0-2 ({good})")
+    record.write_text(json.dumps({"version": "0.3.0-2", "sha256": "0" * 64}))
+    assert checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0 ({good})")
+    broken = fake_tool(tmp_path / "bin", "vhost-broken", "echo 'version GLIBC_2.38 not found' >&2; exit 1")
+    result = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=broken))
+    assert result.status == "WARN" and "does not run" in result.summary and "GLIBC_2.38" in result.summary
+    missing = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=str(tmp_path / "none")))
+    assert missing.status == "WARN" and "is not an executable file" in missing.summary
 
 
 # --- banger version vs install metadata -----------------------------------------------------------------
@@ -425,6 +480,7 @@ EXPECTED_ROWS = [
     "guest access",
     "qemu",
     "firecracker",
+    "guest agent transport (QEMU)",
     "vm defaults",
     "runtime directory",
     "release build",

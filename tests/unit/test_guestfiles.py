@@ -140,7 +140,7 @@ def test_agent_is_the_package_file_and_runs_with_the_guest_python() -> None:
     files = by_path()
     assert files["/usr/local/lib/banger/banger_agent.py"].data == (REPO / "src/banger/guest/agent.py").read_bytes()
     launcher = files["/usr/local/bin/banger-agent"].data
-    assert launcher is not None and launcher.startswith(b"#!/usr/bin/python3\n")
+    assert launcher is not None and launcher.startswith(b"#!/usr/bin/python3 -S\n")
 
 
 def _write_tree(root: Path, only: tuple[str, ...]) -> None:

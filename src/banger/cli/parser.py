@@ -341,6 +341,17 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="SIZE", help="ext4 size, e.g. 4G (default: 1.5x the content, at least 1G)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the bundle")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = _cmd(internal_sub, "install-vhost-vsock", "install vhost-device-vsock (QEMU's vsock agent transport)",
+             "banger.cli.internal:cmd_install_vhost_vsock",
+             "Fetches Debian's vhost-device-vsock package from --suite through the verified archive chain\n"
+             "(gpgv, signed index, sha256), and installs only its binary into --dest, atomically, mode 0755.\n"
+             "The same version already there: nothing to do. The mirror is kernel_mirror in config.toml.\n\n"
+             "examples:\n  sudo banger internal install-vhost-vsock\n"
+             "  banger internal install-vhost-vsock --dest ~/.local/bin")
+    p.add_argument("--dest", default="/usr/local/bin", metavar="DIR", help="directory (default: /usr/local/bin)")
+    p.add_argument("--suite", default="sid", help="Debian suite that has the package (default: sid)")
+    p.add_argument("--allow-expired", action="store_true",
+                   help="accept the suite's metadata past its Valid-Until (a frozen mirror); still verified")
     # Hidden: the completion scripts call this.
     hidden = sub.add_parser("__complete", add_help=False)
     hidden.set_defaults(handler="banger.cli.completion:cmd_complete")

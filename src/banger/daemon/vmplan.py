@@ -98,7 +98,7 @@ def agent_endpoint_for(backend: Backend, run_dir: Path, vhost_vsock_bin: str | N
 def find_vhost_vsock(cfg: Config) -> str | None:
     from banger.system.run import find_binary
 
-    configured: Path | None = getattr(cfg, "vhost_vsock_bin", None)
+    configured = cfg.vhost_vsock_bin
     if configured is not None:
         return str(configured) if configured.is_file() else None
     return find_binary(VHOST_VSOCK_BASENAME)

@@ -52,6 +52,7 @@ class DoctorContext:
     store_inspector: Callable[[Path], str] | None = None
     firecracker_bin: str | None = None  # configured path; None: look it up on PATH
     qemu_bin: str = "qemu-system-x86_64"
+    vhost_vsock_bin: str | None = None  # configured path; None: look it up on PATH
     now: Callable[[], float] = time.time  # wall clock, for ages shown in details
     build: BuildInfo = field(default_factory=buildinfo.current)
     kvm_probe_timeout: float = 2.0
@@ -393,6 +394,47 @@ def check_firecracker(ctx: DoctorContext) -> CheckResult:
         return CheckResult(name, "WARN", f"cannot run `{path} --version`: {exc}", (path,))
 
 
+# --- guest agent transport (QEMU) -----------------------------------------------------------------------
+
+VHOST_VSOCK = "vhost-device-vsock"
+INSTALL_VHOST_VSOCK = "sudo banger internal install-vhost-vsock"
+
+
+def agent_transport_result(path: str | None, *, configured: str | None = None, recorded: str | None = None,
+                           version_text: str | None = None, error: str | None = None) -> CheckResult:
+    """`recorded`: the Debian version install-vhost-vsock wrote next to the binary; `version_text`: its
+    `--version` output; `error`: why running it failed (a binary that cannot run serves no VM)."""
+    name = "guest agent transport (QEMU)"
+    hint = f"for the vsock transport, install it: {INSTALL_VHOST_VSOCK}"
+    if path is None:
+        why = f"vhost_vsock_bin {configured} is not an executable file" if configured else f"{VHOST_VSOCK} not found"
+        if configured:
+            hint += ", or fix vhost_vsock_bin in config.toml"
+        return CheckResult(name, "WARN", f"virtio-serial fallback ({why})", hint=hint)
+    if error is not None or version_text is None:
+        return CheckResult(name, "WARN", f"virtio-serial fallback ({path} does not run: {error or 'no output'})",
+                           (path,), hint=hint)
+    parsed = parse_version(version_text)
+    version = recorded or (_fmt(parsed) if parsed else "(unknown version)")
+    details = (path, _first_line(version_text)) + (("installed by banger internal install-vhost-vsock",)
+                                                    if recorded else ())
+    return CheckResult(name, "PASS", f"vsock via {VHOST_VSOCK} {version} ({path})", details)
+
+
+def check_agent_transport(ctx: DoctorContext) -> CheckResult:
+    configured = ctx.vhost_vsock_bin
+    path = locate(configured) if configured is not None else find_binary(VHOST_VSOCK)
+    if path is None:
+        return agent_transport_result(None, configured=configured)
+    from banger.system.hosttools import installed_version
+
+    try:
+        text = _version_output(path)
+    except (BangerError, OSError) as exc:
+        return agent_transport_result(path, error=str(exc))
+    return agent_transport_result(path, recorded=installed_version(Path(path)), version_text=text)
+
+
 # --- vm defaults ----------------------------------------------------------------------------------------
 
 
@@ -470,6 +512,7 @@ CHECKS: tuple[Callable[[DoctorContext], CheckResult], ...] = (
     check_tools_guest_access,
     check_qemu,
     check_firecracker,
+    check_agent_transport,
     check_vm_defaults,
     check_runtime_dir,
     _install.check_release_build,

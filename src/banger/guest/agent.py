@@ -17,15 +17,11 @@ The agent never exits on bad input; it logs to stderr and stops cleanly on SIGTE
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
-import glob
 import json
-import logging
 import os
-import pty
 import pwd
 import queue
 import select
@@ -33,13 +29,20 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
-import termios
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+
+# Start-up time is boot time: under software emulation every import costs ~30x what it does on the host,
+# so argparse, logging, subprocess, pty and typing are not imported before the agent listens (argparse
+# only for a command line with options, subprocess and pty on the first command).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+    from typing import Any
+
+    Header = dict[str, Any]
 
 PROTOCOL_VERSION = 1
 AGENT_VERSION = "0.1.0"
@@ -57,8 +60,36 @@ HELLO_MARK = b'{"t":"hello"'  # a host's hello header starts with these bytes; s
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DATA_TYPES = frozenset({"stdin", "stdin_eof", "resize", "signal", "data", "eof"})
 
-Header = dict[str, Any]
-log = logging.getLogger("banger-agent")
+class Log:
+    """What the agent needs of `logging`: timestamped lines on stderr (the console log or the journal)."""
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.lock = threading.Lock()
+
+    def _emit(self, msg: str, args: tuple[object, ...]) -> None:
+        text = msg % args if args else msg
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} banger-agent: {text}\n"
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def debug(self, msg: str, *args: object) -> None:
+        if self.verbose:
+            self._emit(msg, args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._emit(msg, args)
+
+    warning = error = info
+
+    def exception(self, msg: str, *args: object) -> None:
+        import traceback
+
+        self._emit(msg + "\n" + traceback.format_exc().rstrip(), args)
+
+
+log = Log()
 
 
 class AgentError(Exception):
@@ -577,10 +608,14 @@ def exec_argv(req: Header) -> list[str]:
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
+    import termios
+
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _take_controlling_tty() -> None:  # runs in the child between fork and exec
+    import termios
+
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
@@ -603,6 +638,9 @@ def kill_group(pgid: int) -> None:
 def spawn_command(argv: list[str], env: dict[str, str], cwd: str, tty: bool, want_stdin: bool, rows: int,
                   cols: int) -> tuple[subprocess.Popen[bytes], list[tuple[Any, str]], Any]:
     """Start `argv` in its own session: (process, [(output stream, frame type)], stdin stream or None)."""
+    import pty
+    import subprocess
+
     master = -1
     try:
         if tty:
@@ -897,9 +935,13 @@ HANDLERS: dict[str, Callable[[Channel, Header], Header | None]] = {
 
 def find_serial_port(name: str = SERIAL_PORT_NAME) -> str | None:
     """/dev/vportNpM whose virtio name is `name` (no udev symlinks under banger's own init)."""
-    for name_file in sorted(glob.glob("/sys/class/virtio-ports/vport*/name")):
-        if read_text(name_file).strip() == name:
-            return "/dev/" + os.path.basename(os.path.dirname(name_file))
+    try:
+        ports = sorted(p for p in os.listdir("/sys/class/virtio-ports") if p.startswith("vport"))
+    except OSError:
+        return None
+    for port in ports:
+        if read_text(f"/sys/class/virtio-ports/{port}/name").strip() == name:
+            return "/dev/" + port
     return None
 
 
@@ -1026,6 +1068,8 @@ class Agent:
             self.stopping.wait(EOF_BACKOFF)
 
     def poweroff(self) -> None:
+        import subprocess
+
         try:
             if self.poweroff_command:
                 subprocess.Popen(["/bin/sh", "-c", self.poweroff_command])
@@ -1045,17 +1089,40 @@ class Agent:
             session.abort_all()
 
 
-def load_modules() -> None:
-    """Best effort: without udev nothing loads the vsock/virtio-console drivers for us."""
+def load_modules(modules: tuple[str, ...] = ("vmw_vsock_virtio_transport", "virtio_console")) -> None:
+    """Best effort: without udev nothing loads the vsock/virtio-console drivers for us. banger's initrd
+    usually has, and a modprobe is a fork and an exec at boot, so only for what is missing."""
+    missing = [m for m in modules if not os.path.isdir(f"/sys/module/{m}")]
+    if not missing:
+        return
+    import subprocess
+
     for modprobe in ("/sbin/modprobe", "/usr/sbin/modprobe"):
         if os.access(modprobe, os.X_OK):
-            subprocess.run([modprobe, "-qa", "vmw_vsock_virtio_transport", "virtio_console"], check=False,
+            subprocess.run([modprobe, "-qa", *missing], check=False,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            timeout=20)
             return
 
 
-def main(argv: list[str] | None = None) -> int:
+class Options:
+    """The command line; the defaults are what the boot (no arguments) uses."""
+
+    vsock_port = VSOCK_PORT
+    serial_path: str | None = None
+    no_vsock = False
+    no_serial = False
+    listen_unix: str | None = None
+    serial_unix: str | None = None
+    poweroff_command: str | None = None
+    verbose = False
+
+
+def parse_args(argv: list[str]) -> Options:
+    if not argv:
+        return Options()
+    import argparse
+
     parser = argparse.ArgumentParser(prog="banger-agent", description="banger's guest agent")
     parser.add_argument("--vsock-port", type=int, default=VSOCK_PORT)
     parser.add_argument("--serial-path", help="serve this character device instead of looking up the virtio port")
@@ -1065,9 +1132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial-unix", help=argparse.SUPPRESS)  # tests: connect, and treat it as the port
     parser.add_argument("--poweroff-command", help=argparse.SUPPRESS)  # tests: run this instead of powering off
     parser.add_argument("-v", "--verbose", action="store_true")
-    opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s banger-agent: %(message)s")
+    return parser.parse_args(argv, namespace=Options())
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    log.verbose = opts.verbose
     agent = Agent(opts.poweroff_command)
 
     def stop(signum: int, frame: object) -> None:
@@ -1085,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (opts.listen_unix or opts.serial_unix or opts.serial_path):
         try:
             load_modules()
-        except (OSError, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # best effort; the listeners say what is missing
             log.debug("modprobe: %s", exc)
         if not opts.no_vsock:
             loops.append((agent.listen_loop, (lambda: vsock_listener(opts.vsock_port), f"vsock:{opts.vsock_port}")))
@@ -1108,7 +1178,8 @@ def run() -> None:
     """The command: main(), then exit at once (daemon threads may sit in blocking calls; nothing is
     left to clean up)."""
     code = main()
-    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code)
 
 

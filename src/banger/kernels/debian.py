@@ -1,4 +1,5 @@
-"""Find and fetch a Debian kernel package, verified from the archive signature down.
+"""Find and fetch Debian packages (kernels; host tools, see system/hosttools.py), verified from the
+archive signature down.
 
 The chain of trust is apt's: `dists/<suite>/InRelease` is checked with `gpgv` against the Debian archive
 keyring; the `Packages` index is accepted only with the sha256 and size that the *signed* Release lists;
@@ -181,16 +182,21 @@ def parse_release(text: str) -> Release:
     return Release(fields=fields, sha256=table, date=date, valid_until=valid_until)
 
 
-def check_release(release: Release, suite: str, now: datetime) -> None:
-    """Refuse an expired Release, or one signed for another suite (a replayed or swapped file)."""
+class ExpiredRelease(BangerError):
+    """A well-signed Release past its Valid-Until: a stale mirror, or one replaying old metadata."""
+
+
+def check_release(release: Release, suite: str, now: datetime, *, allow_expired: bool = False) -> None:
+    """Refuse an expired Release (unless `allow_expired`), or one signed for another suite (a replayed
+    or swapped file)."""
     names = {release.fields.get("Suite"), release.fields.get("Codename")}
     if suite not in names:
         got = ", ".join(sorted(n for n in names if n)) or "none"
         raise BangerError(
             f"Release is for suite {got}, not {suite!r}; refused (mirror serves the wrong file?)"
         )
-    if release.valid_until is not None and now > release.valid_until:
-        raise BangerError(
+    if release.valid_until is not None and now > release.valid_until and not allow_expired:
+        raise ExpiredRelease(
             f"Release for {suite!r} expired at {release.valid_until.isoformat()}; refused",
             hint="the mirror is stale or replaying old metadata; try another mirror",
         )
@@ -327,6 +333,14 @@ def _deb_package(stanza: dict[str, str]) -> DebPackage:
     return DebPackage(name=name, version=stanza["Version"], filename=filename, sha256=digest, size=int(size))
 
 
+def select_package(packages_text: str, name: str, arch: str = "amd64") -> DebPackage:
+    """The highest version of binary package `name` built for `arch` (or `all`) in a Packages text."""
+    stanzas = [s for s in find_stanzas(packages_text, lambda n: n == name) if s.get("Architecture") in (arch, "all")]
+    if not stanzas:
+        raise NotFound(f"package {name!r} not found in the {arch} index")
+    return _deb_package(_highest(stanzas))
+
+
 def select_kernel_package(packages_text: str, meta_package: str, arch: str = "amd64") -> DebPackage:
     """Follow `meta_package`'s Depends to the versioned kernel image it pulls in (highest version wins).
 
@@ -456,6 +470,32 @@ def _fetch_first(urls: list[str], work_dir: Path, index: IndexEntry) -> Path:
     return fetch_to(urls[-1], work_dir, max_bytes=index.size, sha256=index.sha256, size=index.size)
 
 
+def check_suite(suite: str) -> None:
+    if not _SUITE.fullmatch(suite):
+        raise BadRequest(f"suite {suite!r} is invalid (lowercase letters, digits and '-')")
+
+
+def fetch_release(mirror: str, suite: str, keyring: Path, *, work_dir: Path) -> Release:
+    """`suite`'s InRelease, verified by gpgv against `keyring` and parsed; `check_release` comes next."""
+    check_suite(suite)
+    inrelease = fetch_to(f"{_check_mirror(mirror)}/dists/{suite}/InRelease", work_dir, max_bytes=INRELEASE_MAX_BYTES)
+    return parse_release(verify_inrelease(inrelease, keyring, work_dir))
+
+
+def fetch_packages_text(
+    mirror: str, suite: str, release: Release, arch: str, *, work_dir: Path, component: str = "main"
+) -> str:
+    """The Packages index for component/arch that the verified `release` lists, decompressed."""
+    dists = f"{_check_mirror(mirror)}/dists/{suite}"
+    index = packages_index(release, component, arch)
+    # by-hash names the exact file the Release signed, so a mirror sync between our two requests
+    # cannot hand us a newer index than the Release we verified.
+    directory = index.path.rsplit("/", 1)[0]
+    urls = [f"{dists}/{directory}/by-hash/SHA256/{index.sha256}"] if release.acquire_by_hash else []
+    urls.append(f"{dists}/{index.path}")
+    return _decompress_index(_fetch_first(urls, work_dir, index), index.path)
+
+
 def resolve_kernel_package(
     mirror: str,
     suite: str,
@@ -467,23 +507,13 @@ def resolve_kernel_package(
     component: str = "main",
 ) -> DebPackage:
     """The kernel image package `meta_package` currently points at in `suite`, from verified metadata."""
-    base = _check_mirror(mirror)
-    if not _SUITE.fullmatch(suite):
-        raise BadRequest(f"suite {suite!r} is invalid (lowercase letters, digits and '-')")
+    _check_mirror(mirror)
     if not _PACKAGE_NAME.fullmatch(meta_package):
         raise BadRequest(f"package name {meta_package!r} is invalid")
-    dists = f"{base}/dists/{suite}"
-    inrelease = fetch_to(f"{dists}/InRelease", work_dir, max_bytes=INRELEASE_MAX_BYTES)
-    release = parse_release(verify_inrelease(inrelease, keyring, work_dir))
+    release = fetch_release(mirror, suite, keyring, work_dir=work_dir)
     check_release(release, suite, datetime.now(UTC))
-    index = packages_index(release, component, arch)
-    # by-hash names the exact file the Release signed, so a mirror sync between our two requests
-    # cannot hand us a newer index than the Release we verified.
-    directory = index.path.rsplit("/", 1)[0]
-    urls = [f"{dists}/{directory}/by-hash/SHA256/{index.sha256}"] if release.acquire_by_hash else []
-    urls.append(f"{dists}/{index.path}")
-    downloaded = _fetch_first(urls, work_dir, index)
-    return select_kernel_package(_decompress_index(downloaded, index.path), meta_package, arch)
+    text = fetch_packages_text(mirror, suite, release, arch, work_dir=work_dir, component=component)
+    return select_kernel_package(text, meta_package, arch)
 
 
 def fetch_deb(
