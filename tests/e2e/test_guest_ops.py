@@ -369,28 +369,40 @@ def test_vm_run_with_a_repository(env: BangerNetns, tmp_path: Path) -> None:
 # --- the agent's protocol version and the SSH fallback, through the real VM's socket ----------------------------------------
 
 
+def _agent_channel(env: BangerNetns) -> tuple[str, Path]:
+    """The VM's agent transport and the host socket of it, as the daemon recorded them."""
+    runtime = json.loads(ok(bx(env, "vm", "show", VM, "--json")))["runtime"]
+    return runtime["agent_transport"], Path(runtime["agent_path"])
+
+
 def test_agent_refuses_an_unknown_protocol_version(env: BangerNetns) -> None:
     from banger.guest.agent_client import AgentClient, AgentVersionMismatch
 
-    vm = json.loads(ok(bx(env, "vm", "show", VM, "--json")))
-    sock = env.root / "run/banger/vms" / vm["short_id"] / "agent.sock"
-    env.banger("system", "stop", check=True)  # the daemon holds the serial port's only connection
-    client = AgentClient.connect_serial(sock, handshake=False)
+    transport, sock = _agent_channel(env)
+    if transport == "serial":
+        env.banger("system", "stop", check=True)  # the daemon holds the serial port's only connection
+        client = AgentClient.connect_serial(sock, handshake=False)
+    else:
+        client = AgentClient.connect_vsock_uds(sock, handshake=False, timeout=20)
     try:
         with pytest.raises(AgentVersionMismatch, match="guest agent speaks protocol 1, banger speaks 99"):
             client.hello(version=99, timeout=20)
     finally:
         client.close()
-    assert ok(bx(env, "vm", "exec", VM, "--", "echo", "still fine")) == "still fine\n"  # a fresh daemon
+    assert ok(bx(env, "vm", "exec", VM, "--", "echo", "still fine")) == "still fine\n"
 
 
 def test_exec_falls_back_to_ssh_without_the_agent(env: BangerNetns) -> None:
     from banger.guest.agent_client import AgentClient
 
-    vm = json.loads(ok(bx(env, "vm", "show", VM, "--json")))
-    sock = env.root / "run/banger/vms" / vm["short_id"] / "agent.sock"
-    env.banger("system", "stop", check=True)
-    holder = AgentClient.connect_serial(sock)  # QEMU's chardev serves one client: the daemon gets none
+    transport, sock = _agent_channel(env)
+    env.banger("system", "stop", check=True)  # a fresh daemon, with no agent connection yet
+    aside = sock.with_name(sock.name + ".aside")
+    holder = None
+    if transport == "serial":
+        holder = AgentClient.connect_serial(sock)  # QEMU's chardev serves one client: the daemon gets none
+    else:
+        sock.rename(aside)  # fault injection: the vsock socket is gone, as if vhost-device-vsock were
     try:
         fallback = bx(env, "vm", "exec", "--env", "X=over ssh", VM, "--", "sh", "-c", 'cat; echo "$X"; exit 4',
                       stdin="from stdin\n")
@@ -398,5 +410,8 @@ def test_exec_falls_back_to_ssh_without_the_agent(env: BangerNetns) -> None:
         assert fallback.stdout == b"from stdin\nover ssh\n"
         assert b"banger: warning: the guest agent is not available" in fallback.stderr
     finally:
-        holder.close()
+        if holder is not None:
+            holder.close()
+        else:
+            aside.rename(sock)
     assert ok(bx(env, "vm", "exec", VM, "--", "echo", "agent again")) == "agent again\n"

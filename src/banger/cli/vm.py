@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 from banger.cli import output
@@ -90,18 +93,26 @@ def _spec_line(vm: dict[str, Any]) -> str:
             f"{output.size_short(int(spec['disk_size_bytes']))} disk | {vm['image_name']}")
 
 
-def _create(args: argparse.Namespace, *, start: bool = True) -> dict[str, Any]:
+def _begin_create(args: argparse.Namespace, *, start: bool = True) -> str:
+    params = _create_params(args)
+    if not start:
+        params["no_start"] = True
+    op_id: str = call("vm.create.begin", params)["op_id"]
+    return op_id
+
+
+def _follow_create(op_id: str) -> dict[str, Any]:
     import sys
 
     from banger.cli.progress import follow
 
-    params = _create_params(args)
-    if not start:
-        params["no_start"] = True
-    begin = call("vm.create.begin", params)
-    vm: dict[str, Any] = follow(begin["op_id"], "vm create")
+    vm: dict[str, Any] = follow(op_id, "vm create")
     sys.stderr.write(_spec_line(vm) + "\n")
     return vm
+
+
+def _create(args: argparse.Namespace, *, start: bool = True) -> dict[str, Any]:
+    return _follow_create(_begin_create(args, start=start))
 
 
 def _results(method: str, refs: list[str], verb: str) -> int:
@@ -209,10 +220,49 @@ def _run_ssh(argv: list[str]) -> int:
     proc = run.spawn(argv, stdin=None, stdout=None, stderr=None, inherit_env=True)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except BaseException:  # ^C, or SystemExit from _exit_on_signals: ssh must not outlive us
         proc.terminate()
         proc.wait()
         raise
+
+
+def _say(text: str) -> None:
+    """A line on stderr that may go nowhere: after a hangup the terminal is gone (EIO)."""
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def _ignore_exit_signals() -> None:
+    """From here on SIGHUP and SIGTERM cannot cut a clean-up short (_exit_on_signals restores them)."""
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """SIGHUP (the terminal was closed) and SIGTERM become SystemExit(128 + signal) while this is active,
+    so `finally` blocks run: `vm run --rm` deletes its VM instead of dying on the spot. After the first
+    one, both are ignored so that the clean-up can finish. A SIGHUP already ignored (nohup) stays so."""
+    import signal
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        _ignore_exit_signals()
+        raise SystemExit(128 + signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _reminder(name: str) -> None:
@@ -244,7 +294,33 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     return rc
 
 
+def _delete_when_created(op_id: str, name: str | None) -> None:
+    """`vm run --rm` was interrupted while its VM was being created. The daemon carries on (a create
+    cannot be cancelled), so wait for the end of the create and delete the VM, as --rm promises."""
+    from banger.cli.progress import follow
+    from banger.errors import BangerError
+
+    _ignore_exit_signals()
+    _say("\nbanger: interrupted; deleting the VM as soon as it is created (Ctrl-C again to leave it)")
+    try:
+        vm = follow(op_id, "vm create", quiet=True)
+    except BangerError:
+        return  # the create failed, and a failed create leaves nothing behind
+    except KeyboardInterrupt:
+        _say(f"banger: left the VM {name + ' ' if name else ''}being created; `banger vm list` shows it")
+        return
+    try:
+        call("vm.delete", {"refs": [vm["name"]]}, timeout=60)
+    except KeyboardInterrupt:
+        _say(f"banger: interrupted while deleting {vm['name']}; run `banger vm delete {vm['name']}`")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    with _exit_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import sys
 
     from banger.errors import BadRequest, BangerError
@@ -259,7 +335,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     workspace = guest.run_preflight(args)  # `vm run ./repo`: every host check before any VM exists
     if workspace is not None and args.dry_run:
         return 0
-    vm = _create(args)
+    op_id = _begin_create(args)
+    try:
+        vm = _follow_create(op_id)
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: SIGHUP or SIGTERM, see _exit_on_signals
+        if args.rm:
+            _delete_when_created(op_id, args.name)
+        raise
     name = vm["name"]
     try:
         info = _ssh_info(name)
@@ -287,10 +369,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return rc
     finally:
         if args.rm:
+            _ignore_exit_signals()  # a terminal closed right after the session must not stop the delete
             try:
                 call("vm.delete", {"refs": [name]}, timeout=60)
             except KeyboardInterrupt:
-                sys.stderr.write(f"banger: interrupted while deleting {name}; run `banger vm delete {name}`\n")
+                _say(f"banger: interrupted while deleting {name}; run `banger vm delete {name}`")
 
 
 def cmd_set(args: argparse.Namespace) -> int:
