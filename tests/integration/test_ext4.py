@@ -161,6 +161,73 @@ def test_write_files_round_trip(built: Path, tmp_path: Path) -> None:
     fsck_clean(image)
 
 
+def _debugfs(image: Path, request: str) -> str:
+    """A raw debugfs request, bypassing banger's quoting (the request holds no names that need any)."""
+    proc = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, check=True)
+    return proc.stdout.decode("utf-8", "surrogateescape")
+
+
+def _listing(image: Path, directory: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (uid, gid, mode) from `ls -p`, which prints names raw: /ino/mode/uid/gid/name/size/."""
+    entries = {}
+    for line in _debugfs(image, f"ls -p {directory}").split("\n"):
+        fields = line.split("/")
+        if len(fields) == 8 and fields[5] not in (".", ".."):
+            entries[fields[5]] = (int(fields[3]), int(fields[4]), int(fields[2], 8))
+    return entries
+
+
+def test_backslash_names_round_trip(tmp_path: Path) -> None:
+    # OCI layer -> staging -> mkfs -> apply_metadata (inode numbers from `ls -p`) -> debugfs reads.
+    layer = tar_bytes(
+        E("srv", "dir", mode=0o755),
+        E("srv/dir\\with", "dir", mode=0o750, uid=7, gid=8),
+        E("srv/dir\\with/a\\b\\c", data=b"abc", mode=0o640, uid=7, gid=8),
+        E("srv/end\\", data=b"end", mode=0o600, uid=1, gid=2),
+        E("srv/\\", data=b"one", mode=0o4755),
+        E("srv/\\\\", data=b"two", uid=3, gid=4),
+        E("srv/link\\", "symlink", target="dir\\with/a\\b\\c"),
+        E("srv/line\u2028sep\u0085x", data=b"u2028", uid=5, gid=6),  # not line breaks to debugfs
+    )
+    staging, image = tmp_path / "staging", tmp_path / "rootfs.ext4"
+    meta = flatten_layers([("sha256:" + "33" * 32, io.BytesIO(layer))], staging, max_bytes=1 << 20)
+    build_ext4(staging, image)
+    apply_metadata(image, meta)
+
+    # Read back without banger's quoting: the names and owners are in the image as the layer said.
+    assert _listing(image, "/srv") == {
+        "dir\\with": (7, 8, 0o40750),
+        "end\\": (1, 2, 0o100600),
+        "\\": (0, 0, 0o104755),
+        "\\\\": (3, 4, 0o100644),
+        "link\\": (0, 0, 0o120777),
+        "line\u2028sep\u0085x": (5, 6, 0o100644),
+    }
+    assert _listing(image, "/srv/dir\\with") == {"a\\b\\c": (7, 8, 0o100640)}
+    # `ls -l` escapes a backslash (and any non-ASCII byte) as \xNN; `ls -p` above prints names raw.
+    long_names = {line.split()[-1] for line in _debugfs(image, "ls -l /srv").split("\n") if line.strip()}
+    assert {"dir\\x5cwith", "end\\x5c", "\\x5c", "\\x5c\\x5c", "link\\x5c"} <= long_names
+    out = tmp_path / "out"
+    out.mkdir()
+    _debugfs(image, f"rdump /srv {out}")
+    assert sorted(os.listdir(out / "srv")) == sorted(["dir\\with", "end\\", "\\", "\\\\", "link\\",
+                                                      "line\u2028sep\u0085x"])
+    assert (out / "srv/dir\\with/a\\b\\c").read_bytes() == b"abc"
+    assert os.readlink(out / "srv/link\\") == "dir\\with/a\\b\\c"
+
+    # And through banger's own debugfs scripts, where each name is a quoted argument.
+    assert read_file(image, "/srv/\\\\") == b"two"
+    assert read_file(image, "/srv/end\\") == b"end"
+    assert stat(image, "/srv/dir\\with/a\\b\\c") == (7, 8, 0o100640)
+    assert inode_info(image, "/srv/link\\").target == "dir\\with/a\\b\\c"
+    inject(image, [GuestFile("/srv/new\\dir\\/f\\", b"new", 0o640, uid=9, gid=9),
+                   GuestFile("/srv/l\\", None, 0o777, kind="symlink", target="/srv/\\\\")])
+    assert read_file(image, "/srv/new\\dir\\/f\\") == b"new"
+    assert _listing(image, "/srv/new\\dir\\") == {"f\\": (9, 9, 0o100640)}
+    assert inode_info(image, "/srv/l\\").target == "/srv/\\\\"
+    fsck_clean(image)
+
+
 def test_write_files_refuses_conflicts(built: Path, tmp_path: Path) -> None:
     image = tmp_path / "copy.ext4"
     sparse_copy(built, image)

@@ -475,7 +475,7 @@ HOSTILE: list[tuple[str, Callable[[Env], list[Layer]], str]] = [
      'layer 2 ({d2}): entry "data/up" is an unsafe symlink: target "../../sentinel" escapes the root'),
     ("unencodable-name", lambda e: [layer(E('etc/bad"name', data=b"x"))],
      'layer 2 ({d2}): entry "etc/bad\\"name" has a name the image tooling cannot encode '
-     '(control characters, ", \\ and non-UTF-8 bytes are not allowed)'),
+     '(control characters, " and non-UTF-8 bytes are not allowed)'),
     ("not-a-tar", lambda e: [raw_layer(b"\x1f\x8b" + b"garbage" * 50)],
      "layer 2 ({d2}): not a valid gzip tar stream"),
 ]

@@ -1,18 +1,15 @@
-"""The `.vm` zone's pure parts: record validation, the answer function, resolver planning."""
+"""The `.vm` zone's pure parts: record validation and the answer function (resolver: test_resolver.py)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from dnslib import EDNS0, OPCODE, QTYPE, RCODE, DNSRecord
 
 from banger.errors import BadRequest
-from banger.network import dns, resolver
-from banger.system.run import find_binary
+from banger.network import dns
 
 # --- record names and addresses -------------------------------------------------------------------------
 
@@ -206,80 +203,3 @@ def test_importing_the_modules_does_not_load_dnslib() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-# --- resolver planning ----------------------------------------------------------------------------------
-
-
-def test_resolvectl_argv_routes_vm_domain_on_the_bridge() -> None:
-    assert resolver.resolvectl_argv("br-fc") == [
-        ["resolvectl", "dns", "br-fc", "127.0.0.1:42069"],
-        ["resolvectl", "domain", "br-fc", "~vm"],
-    ]
-    assert resolver.resolvectl_argv("br-fc-test", "127.0.0.1:5353")[0] == [
-        "resolvectl",
-        "dns",
-        "br-fc-test",
-        "127.0.0.1:5353",
-    ]
-    assert resolver.resolvectl_revert_argv("br-fc") == [["resolvectl", "revert", "br-fc"]]
-
-
-@pytest.mark.parametrize("bridge", ["eth0", "docker0", "br-fc-", "br-fc-x;rm", "br-fc-" + "a" * 20, ""])
-def test_resolvectl_argv_rejects_foreign_bridges(bridge: str) -> None:
-    with pytest.raises(BadRequest, match="bridge name"):
-        resolver.resolvectl_argv(bridge)
-    with pytest.raises(BadRequest, match="bridge name"):
-        resolver.resolvectl_revert_argv(bridge)
-
-
-def test_dns_address_accepts_host_port() -> None:
-    # The form the original helper wrongly rejected for eight releases (reference §7.5, v0.1.8).
-    assert resolver.dns_address("127.0.0.1:42069") == "127.0.0.1:42069"
-    assert resolver.dns_address("127.0.0.1:053") == "127.0.0.1:53"
-
-
-@pytest.mark.parametrize(
-    "addr",
-    [
-        "127.0.0.1",
-        "127.0.0.1:",
-        ":42069",
-        "localhost:42069",
-        "127.0.0.1:0",
-        "127.0.0.1:65536",
-        "127.0.0.1:x",
-        "[::1]:42069",
-        "127.0.0.1:42069 ",
-        "127.0.0.1:٣",
-    ],
-)
-def test_dns_address_rejects(addr: str) -> None:
-    with pytest.raises(BadRequest, match="dns address"):
-        resolver.dns_address(addr)
-
-
-def test_manual_instructions() -> None:
-    lines = resolver.manual_instructions(42069)
-    text = "\n".join(lines)
-    assert "server=/vm/127.0.0.1#42069" in text
-    assert "NetworkManager" in text
-    assert "/etc/resolv.conf is not enough" in text
-    assert "dig @127.0.0.1 -p 42069 <name>.vm" in text
-    assert all("\n" not in line for line in lines)
-    assert "#5353" in "\n".join(resolver.manual_instructions(5353))
-    for bad in (0, 70000):
-        with pytest.raises(BadRequest, match="dns port"):
-            resolver.manual_instructions(bad)
-
-
-def test_resolved_active_sees_the_varlink_socket(tmp_path: Path) -> None:
-    path = tmp_path / "io.systemd.Resolve"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.bind(str(path))
-        assert resolver.resolved_active(path) is True
-    # A plain file at that path is not resolved.
-    plain = tmp_path / "plain"
-    plain.write_text("")
-    if find_binary("resolvectl") is None:
-        assert resolver.resolved_active(plain) is False

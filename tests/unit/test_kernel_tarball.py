@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from banger.errors import BangerError
-from banger.kernels.tarball import copy_tree, extract_tarball
+from banger.kernels.tarball import copy_tree, extract_tarball, import_kernel
 from tests.tarballs import FAKE_VMLINUX, Entry, good_kernel_entries, tar_zst
 
 CAP = 1 << 20
@@ -56,6 +58,16 @@ HOSTILE = [
      "symlink target '../vmlinux' escapes modules/"),
     ([Entry("modules", "dir"), Entry("modules/x", "symlink", target="/lib/modules")],
      "symlink target '/lib/modules' must be a relative path"),
+    # Absolute links are dropped only as modules/<version>/build or source, nowhere else.
+    ([Entry("modules", "dir"), Entry("modules/build", "symlink", target="/usr/src/linux")],
+     "entry 'modules/build' refused: symlink target '/usr/src/linux' must be a relative path (absolute "
+     "links are dropped only as modules/<version>/build or source)"),
+    ([Entry("modules/6.1.99/kernel", "dir"), Entry("modules/6.1.99/kernel/source", "symlink", target="/etc")],
+     "entry 'modules/6.1.99/kernel/source' refused: symlink target '/etc' must be a relative path"),
+    ([Entry("modules/6.1.99", "dir"), Entry("modules/6.1.99/builds", "symlink", target="/etc")],
+     "entry 'modules/6.1.99/builds' refused: symlink target '/etc' must be a relative path"),
+    ([Entry("modules/6.1.99", "dir"), Entry("modules/6.1.99/build", "symlink", target="/usr/src/x"),
+      Entry("modules/6.1.99/build", "dir")], "entry 'modules/6.1.99/build' refused: duplicate entry"),
     ([Entry("modules", "dir"), Entry("modules/h", "hardlink", target="vmlinux")],
      "entry 'modules/h' refused: a hardlink is not allowed"),
     ([Entry("modules", "dir"), Entry("modules/f", "fifo")], "a fifo is not allowed"),
@@ -124,12 +136,12 @@ def test_copy_tree_takes_the_kernel_files_only(tmp_path: Path) -> None:
 
 def test_copy_tree_refuses_escaping_symlink_and_bzimage(tmp_path: Path) -> None:
     src = _build_dir(tmp_path)
-    os.symlink("/usr/src/linux", src / "modules/6.1.99/build")
+    os.symlink("/usr/src/linux", src / "modules/6.1.99/kernel/build")  # not modules/<version>/build
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(BangerError, match="symlink target '/usr/src/linux' must be a relative path"):
         copy_tree(src, dest, CAP)
-    (src / "modules/6.1.99/build").unlink()
+    (src / "modules/6.1.99/kernel/build").unlink()
     (src / "vmlinux").write_bytes(b"MZ bzImage")
     dest2 = tmp_path / "dest2"
     dest2.mkdir()
@@ -165,3 +177,70 @@ def test_extra_catalog_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             catalog.parse_catalog({"version": 1, "entries": [entry]})
     finally:
         catalog.load_catalog.cache_clear()
+
+
+# --- build/source links of a real modules_install, through the real tar and zstd -----------------------------
+
+
+def _modules_install_tree(root: Path, headers: Path) -> Path:
+    """What `make modules_install` (or a distribution package) leaves: build/source link out of the tree."""
+    src = _build_dir(root)
+    os.symlink(headers, src / "modules/6.1.99/build")  # absolute, and the target exists on this host
+    os.symlink("/usr/src/linux-source-6.1.99", src / "modules/6.1.99/source")  # absolute, dangling
+    (src / "modules/6.2.0/kernel").mkdir(parents=True)
+    (src / "modules/6.2.0/kernel/b.ko").write_bytes(b"kob")
+    os.symlink("../../../../usr/src/linux-headers-6.2.0", src / "modules/6.2.0/build")  # relative, escaping
+    return src
+
+
+def _headers(root: Path) -> tuple[Path, dict[str, bytes]]:
+    headers = root / "usr-src-linux-headers-6.1.99"
+    (headers / "include").mkdir(parents=True)
+    (headers / "Makefile").write_bytes(b"# the host's headers\n")
+    (headers / "include/secret.h").write_bytes(b"#define HOST 1\n")
+    return headers, {p.relative_to(headers).as_posix(): p.read_bytes() for p in headers.rglob("*") if p.is_file()}
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+EXPECTED = {"vmlinux", "initrd.img", "modules", "modules/6.1.99", "modules/6.1.99/kernel",
+            "modules/6.1.99/kernel/a.ko", "modules/6.1.99/a.ko", "modules/6.2.0", "modules/6.2.0/kernel",
+            "modules/6.2.0/kernel/b.ko"}
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("zstd") is None, reason="needs tar and zstd")
+def test_real_tarball_drops_build_and_source_links(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    headers, before = _headers(tmp_path)
+    src = _modules_install_tree(tmp_path, headers)
+    archive = tmp_path / "k-amd64.tar.zst"
+    subprocess.run(["tar", "--zstd", "-cf", str(archive), "-C", str(src), "vmlinux", "initrd.img", "modules"],
+                   check=True)
+    listing = subprocess.run(["tar", "--zstd", "-tvf", str(archive)], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"modules/6.1.99/build -> {headers}" in listing  # the archive really holds the absolute link
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    caplog.set_level("INFO", logger="banger.kernels.tarball")
+    extract_tarball(archive, dest, CAP)
+    assert _files(dest) == EXPECTED
+    for name in ("modules/6.1.99/build", "modules/6.1.99/source", "modules/6.2.0/build"):
+        assert not os.path.lexists(dest / name), name
+    assert os.readlink(dest / "modules/6.1.99/a.ko") == "kernel/a.ko"
+    assert "dropping modules/6.1.99/build -> " + str(headers) in caplog.text
+    # Never followed: the host's headers are untouched and none of their contents came along.
+    assert {p.relative_to(headers).as_posix(): p.read_bytes() for p in headers.rglob("*") if p.is_file()} == before
+
+
+def test_kernel_import_drops_build_and_source_links(tmp_path: Path) -> None:
+    headers, before = _headers(tmp_path)
+    src = _modules_install_tree(tmp_path, headers)
+    dest = tmp_path / "kernels" / "mine"
+    installed = import_kernel("mine", src, dest, distro="custom", arch="amd64", kernel_version="6.1.99",
+                              max_bytes=CAP)
+    assert _files(dest) == EXPECTED | {"manifest.json"}
+    assert installed.modules == dest / "modules"
+    assert not os.path.lexists(dest / "modules/6.1.99/build")
+    assert {p.relative_to(headers).as_posix(): p.read_bytes() for p in headers.rglob("*") if p.is_file()} == before

@@ -6,9 +6,10 @@ host file's mode, so `apply_metadata` then replays the real owners and modes (ca
 headers) in one `debugfs -w` batch: that is how setuid-root `sudo` and a root-owned 0640 `/etc/shadow`
 come out right without ever chown-ing anything on the host.
 
-debugfs scripts quote each path in double quotes; its parser has no escape for `"` and a line ends at
-a newline, so names that cannot be written that way are refused up front (`encodable`). debugfs exits
-0 even when commands fail, so every run's stderr is parsed and anything but the version banner (and
+debugfs scripts quote each path in double quotes. Inside them debugfs' parser (libss) takes every byte
+literally, backslashes included, and a script line ends at a newline or carriage return; control
+characters, `"` and non-UTF-8 bytes are refused up front (`encodable`). debugfs exits 0 even when
+commands fail, so every run's stderr is parsed and anything but the version banner (and
 the few messages a caller tolerates) is raised.
 """
 
@@ -46,9 +47,10 @@ _NOT_FOUND = re.compile(r"File not found by ext2_lookup")
 _NOT_A_DIR = re.compile(r"Ext2 inode is not a directory")
 _MKDIR_EXISTS = re.compile(r"^(ext2fs_)?mkdir: Ext2 directory already exists")
 _CHOWN_DENIED = re.compile(r"Operation not permitted while changing ownership")
-# Control characters (incl. newline), the quote debugfs cannot escape, backslash, and lone surrogates
-# (how Python represents the bytes of a non-UTF-8 name).
-_UNENCODABLE = re.compile('[\x00-\x1f\x7f"\\\\\ud800-\udfff]')
+# Control characters (incl. newline, which ends a script line), the quote character, and lone
+# surrogates (how Python represents the bytes of a non-UTF-8 name). A backslash is an ordinary byte to
+# debugfs (tests/integration/test_ext4.py round-trips such names), so OCI layers may use it.
+_UNENCODABLE = re.compile('[\x00-\x1f\x7f"\ud800-\udfff]')
 _LABEL = re.compile(r"^[A-Za-z0-9._-]{1,16}$")
 _TYPE_BITS = {
     "regular": st.S_IFREG,
@@ -94,11 +96,11 @@ class InodeInfo:
 
 
 def encodable(name: str) -> bool:
-    """True if `name` can be passed to debugfs: no control characters, `"`, `\\` or non-UTF-8 bytes."""
+    """True if `name` can be passed to debugfs: no control characters, `"` or non-UTF-8 bytes."""
     return _UNENCODABLE.search(name) is None
 
 
-ENCODING_RULE = 'control characters, ", \\ and non-UTF-8 bytes are not allowed'
+ENCODING_RULE = 'control characters, " and non-UTF-8 bytes are not allowed'
 
 
 def show_name(name: str) -> str:
@@ -279,7 +281,8 @@ def _inode_numbers(image: Path, paths: Sequence[str]) -> dict[str, int]:
         out = _script(image, [f"ls -p <{ino}>" for ino in sorted(frontier)], write=False, what="list")
         listing: str | None = None
         next_frontier: dict[int, str] = {}
-        for line in out.decode("utf-8", "surrogateescape").splitlines():
+        # Split at "\n" only: splitlines() would also cut a name at U+0085, U+2028 and the like.
+        for line in out.decode("utf-8", "surrogateescape").split("\n"):
             if line.startswith("debugfs: ls -p <"):
                 listing = frontier.get(int(line[len("debugfs: ls -p <") : -1]))
                 continue
@@ -332,7 +335,7 @@ def _probe(image: Path, paths: Sequence[str]) -> dict[str, str | None]:
                   tolerate=(_NOT_FOUND, _NOT_A_DIR))
     types: dict[str, str | None] = dict.fromkeys(paths)
     index = -1
-    for line in out.decode("utf-8", "replace").splitlines():
+    for line in out.decode("utf-8", "replace").split("\n"):  # not splitlines(): see _inode_numbers
         if line.startswith("debugfs: "):
             index += 1
             continue

@@ -9,6 +9,11 @@ an ELF image) and `initrd.img`, and below `modules/` directories, regular files 
 that stay inside `modules/`. Anything else (another name, `..`, an absolute path, a device, a
 hardlink, a symlink elsewhere or escaping, a duplicate) is a one-line error and leaves nothing behind.
 Nothing is ever written through a symlink: every parent of an entry must be a real directory.
+
+One exception: `modules/<version>/build` and `modules/<version>/source`, which `make modules_install`
+and distribution packages point at the kernel's build tree (`/usr/src/linux-headers-...`), outside the
+kernel. They are dropped (logged, never created, never followed): without those headers in the guest
+they lead nowhere, and a link out of the kernel directory is one nothing should ever resolve.
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ ELF_MAGIC = b"\x7fELF"
 VMLINUX = "vmlinux"
 INITRD = "initrd.img"
 MODULES = "modules"
+BUILD_LINKS = frozenset({"build", "source"})
 _CHUNK = 1 << 20
+
+
+def _is_build_link(name: str) -> bool:
+    """`modules/<version>/build` or `modules/<version>/source` (a normalized entry name)."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[0] == MODULES and parts[2] in BUILD_LINKS
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class _Tree:
         self.written = 0
         self.seen: set[str] = set()
         self.symlinks: list[str] = []
+        self.dropped: list[str] = []
 
     def fail(self, name: str, problem: str) -> BangerError:
         return BangerError(f"{self.where}: entry {name!r} refused: {problem}")
@@ -139,10 +152,19 @@ class _Tree:
 
     def add_symlink(self, raw: str, target: str) -> None:
         name = self.check_name(raw, "symlink")
-        if not target or target.startswith("/") or "\0" in target:
+        if not target or "\0" in target:
             raise self.fail(raw, f"symlink target {target!r} must be a relative path")
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-        if resolved != MODULES and not resolved.startswith(MODULES + "/"):
+        inside = not target.startswith("/") and (resolved == MODULES or resolved.startswith(MODULES + "/"))
+        if not inside and _is_build_link(name):
+            log.info("%s: dropping %s -> %s (a link to the kernel's build tree, outside the kernel)",
+                     self.where, name, target)
+            self.dropped.append(name)
+            return
+        if target.startswith("/"):
+            raise self.fail(raw, f"symlink target {target!r} must be a relative path (absolute links are "
+                                 f"dropped only as {MODULES}/<version>/build or source)")
+        if not inside:
             raise self.fail(raw, f"symlink target {target!r} escapes {MODULES}/")
         path = self._parent(name) / name.rsplit("/", 1)[-1]
         if path.exists() or path.is_symlink():
