@@ -67,6 +67,8 @@ def _vm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nat", action="store_true", help="give the VM outbound network access")
     p.add_argument("--init", choices=("fast", "systemd"),
                    help="PID 1 in the guest: banger's fast init (default) or the image's systemd")
+    p.add_argument("--vmm", choices=("firecracker", "qemu"),
+                   help="VM monitor for this VM (default: the vmm setting; auto picks firecracker where KVM runs guests)")
 
 
 def _workspace_flags(p: argparse.ArgumentParser) -> None:

@@ -51,6 +51,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("nat", "on" if spec.get("nat") else "off"), ("created", vm.get("created_at")),
         ("updated", vm.get("updated_at")),
     ]
+    runtime = vm.get("runtime", {})
+    if runtime.get("vmm"):
+        pairs.append(("vmm", runtime["vmm"]))
+    if runtime.get("pid"):
+        pairs.append(("agent", runtime.get("agent_transport", "serial")))
     if vm.get("last_error"):
         pairs.append(("last error", vm["last_error"]))
     if vm.get("workspace"):
@@ -71,8 +76,9 @@ def _create_params(args: argparse.Namespace) -> dict[str, Any]:
         params["name"] = args.name
     if args.image:
         params["image"] = args.image
-    if getattr(args, "init", None):
-        params["init"] = args.init
+    for key in ("init", "vmm"):
+        if getattr(args, key, None):
+            params[key] = getattr(args, key)
     for flag, key in (("vcpu", "vcpu"), ("memory", "memory_mib")):
         value = getattr(args, flag)
         if value is not None:

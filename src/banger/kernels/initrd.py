@@ -45,11 +45,18 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+read -r cmdline </proc/cmdline
+# insmod, unlike modprobe, does not look for `<module>.<param>=` on the kernel command line itself;
+# Firecracker describes its virtio-mmio devices that way (virtio_mmio.device=4K@0xd0000000:5).
 for m in $(cat /lib/modules/load-order); do
-    insmod /lib/modules/$m || echo "initrd: insmod $m failed"
+    name=${m##*/}; name=${name%%.ko*}; params=
+    for x in $cmdline; do
+        case $x in "$name".*=*) params="$params ${x#"$name".}" ;; esac
+    done
+    insmod /lib/modules/$m $params || echo "initrd: insmod $m failed"
 done
 root=/dev/vda; init=/sbin/init; fstype=ext4; mode=rw; flags=; rdshell=
-for x in $(cat /proc/cmdline); do
+for x in $cmdline; do
     case $x in
         root=*) root=${x#root=} ;;
         init=*) init=${x#init=} ;;
