@@ -88,16 +88,7 @@ class BangerNetns:
         return [link["ifname"] for link in json.loads(out)]
 
     def qemu_pids(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = (proc / "cmdline").read_bytes()
-                is_qemu = cmdline.startswith(b"qemu-system-x86_64") or b"/qemu-system-x86_64\0" in cmdline[:200]
-                if is_qemu and str(self.root).encode() in cmdline:
-                    pids.append(int(proc.name))
-        return pids
+        return qemu_pids_under(self.root)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -109,3 +100,72 @@ class BangerNetns:
                 os.kill(pid, 9)
         subprocess.run(["ip", "netns", "del", self.ns], check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """QEMU processes whose command line names a path under `root` (their disks, sockets, logs)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            is_qemu = cmdline.startswith(b"qemu-system-x86_64") or b"/qemu-system-x86_64\0" in cmdline[:200]
+            if is_qemu and str(root).encode() in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+def debian_kernel_files(name: str, out: Path) -> str:
+    """vmlinux and initrd.img of Debian catalog kernel `name`, built into `out` by this checkout's code from
+    the package cached in CACHE/debs (fetched first, from the Debian archive, when missing; the e2e kernel
+    fixture keeps it there); returns the kernel version. Not the e2e cache's own initrd.img: that one is
+    built once per cache and may predate the modules banger's images need now (overlay)."""
+    import fcntl
+
+    from banger.kernels.catalog import load_catalog, pull_debian_kernel
+    from banger.kernels.debian import extract_deb
+    from banger.kernels.initrd import build_mini_initrd
+    from banger.kernels.vmlinux import extract_vmlinux
+
+    kernel_dir, debs = CACHE / "kernels" / name, CACHE / "debs"
+    mirror = os.environ.get("BANGER_TEST_DEBIAN_MIRROR") or "http://deb.debian.org/debian"
+    (CACHE / "locks").mkdir(parents=True, exist_ok=True)
+    with (CACHE / "locks" / f"kernel-{name}").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the lock tests/e2e/conftest.py takes for the same directory
+        manifest_path = kernel_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if not (debs / f"{manifest.get('sha256')}.deb").is_file():
+            pull_debian_kernel(load_catalog().get(name), mirror, kernel_dir, 300 << 20, cache_dir=debs)
+            manifest = json.loads(manifest_path.read_text())
+        kver = str(manifest["kernel_version"])
+        with tempfile.TemporaryDirectory(dir=out.parent) as work:
+            root = Path(work) / "root"
+            extract_deb(debs / f"{manifest['sha256']}.deb", root)
+            out.mkdir(parents=True, exist_ok=True)
+            extract_vmlinux(root / "boot" / f"vmlinuz-{kver}", out / "vmlinux")
+            build_mini_initrd(root, kver, out / "initrd.img")
+    return kver
+
+
+def golden_tarball(name: str = "debian-bookworm") -> tuple[Path, Path]:
+    """The cached mmdebstrap tarball of golden image `name` and its record, where `pull_image` leaves them
+    (CACHE/xdg-cache/banger/downloads); built there first, from the Debian archive, when missing. A test
+    copies them into another banger's downloads directory to build that image without the network."""
+    import fcntl
+
+    from banger.images import catalog, golden
+    from banger.images.progress import Silent
+
+    entry = catalog.load_catalog().get(name)
+    assert isinstance(entry, catalog.GoldenImage), f"{name} is not a golden image"
+    variant = golden.GoldenVariant(name=entry.name, suite=entry.suite, variant=entry.variant,
+                                   kernel_ref=entry.kernel_ref, arch=entry.arch)
+    cache_dir = CACHE / "xdg-cache/banger/downloads"
+    mirror = os.environ.get("BANGER_TEST_DEBIAN_MIRROR") or "http://deb.debian.org/debian"
+    (CACHE / "locks").mkdir(parents=True, exist_ok=True)
+    with (CACHE / "locks" / f"golden-{name}").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions share the cache: one build, not two
+        with tempfile.TemporaryDirectory(dir=CACHE) as work:
+            golden._obtain_tar(variant, mirror, Path(work), cache_dir, Silent(), None)
+    return golden._cache_paths(cache_dir, variant)

@@ -5,18 +5,29 @@ installed 0.0.1 to a system install under BANGER_SYSTEM_PREFIX with a real unpri
 How the doctor failure is produced: 0.0.2-baddoctor is this checkout built with
 `make-release --test-fault doctor`, which writes TEST_FAULT = "doctor" into that build's
 banger/_build.py; its `banger doctor` then reports the row "release build" as FAIL. Nothing else differs.
+
+The last test runs a real VM (QEMU) through such an install, kept in a network namespace of its own with
+its bridge, taps, DNS server and release server, and updates (rolled back, then for real) under it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import http.server
 import io
 import json
 import os
+import secrets
 import shutil
+import signal
 import sqlite3
+import stat
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +35,10 @@ from pathlib import Path
 import pytest
 
 from banger.update import release
+from tests.e2e.banger_env import CONFIG, debian_kernel_files, golden_tarball, qemu_pids_under
 from tests.integration.conftest import SystemUser
 from tests.integration.test_system_install import (
+    REPO,
     Host,
     ReleaseSet,
     _alive,
@@ -112,19 +125,44 @@ def _repack(src: Path, *, drop: str | None = None, extra: dict[str, bytes] | Non
     return out.getvalue()
 
 
-@pytest.fixture
-def site(release_set: ReleaseSet, tmp_path: Path) -> Iterator[Site]:  # noqa: F811
-    root = tmp_path / "site"
-    shutil.copytree(release_set.root, root)  # a copy: tests alter it; the session's release set stays intact
+@contextlib.contextmanager
+def _in_netns(ns: str | None) -> Iterator[None]:
+    """This thread in network namespace `ns` meanwhile (None: stay); sockets made there stay there."""
+    if ns is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    with open(f"/run/netns/{ns}") as target, open("/proc/thread-self/ns/net") as home:
+        if libc.setns(target.fileno(), clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), clone_newnet) != 0:
+                raise OSError(ctypes.get_errno(), "setns back into the test's namespace")
+
+
+@contextlib.contextmanager
+def serve_site(keys: ReleaseSet, root: Path, ns: str | None = None) -> Iterator[Site]:
+    """The release set copied to `root` and served on 127.0.0.1 (of network namespace `ns` if given)."""
+    shutil.copytree(keys.root, root)  # a copy: tests alter it; the session's release set stays intact
     handler = lambda *a: _Handler(*a, directory=str(root))  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with _in_netns(ns):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Site(root, f"http://127.0.0.1:{server.server_address[1]}", release_set)
+        yield Site(root, f"http://127.0.0.1:{server.server_address[1]}", keys)
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def site(release_set: ReleaseSet, tmp_path: Path) -> Iterator[Site]:  # noqa: F811
+    with serve_site(release_set, tmp_path / "site") as served:
+        yield served
 
 
 @pytest.fixture
@@ -401,9 +439,175 @@ def test_refuses_while_an_operation_is_in_flight_unless_forced(host: Host, site:
         mirror.server_close()
 
 
-@pytest.mark.skip(reason="needs VM runtime in a system install: a VM started before the update must still run "
-                         "and answer after the update and after a rollback; booting one under "
-                         "BANGER_SYSTEM_PREFIX needs the helper in a network namespace and an image pulled into "
-                         "the prefix (tests/e2e does this in embedded mode only); not written yet")
-def test_running_vm_survives_update_and_rollback() -> None:
-    raise AssertionError("not written yet")
+# --- a VM running across updates --------------------------------------------------------------------
+
+
+@dataclass
+class NetnsHost(Host):
+    """A Host whose banger processes all run in the network namespace `ns`: the services they start (at
+    install, and again at every update and rollback) inherit it, so the bridge, the taps, the VMs and the
+    DNS server on 127.0.0.1 live there and nothing touches the host's network.
+
+    `tun`: the daemon runs QEMU as the owner, who must open /dev/net/tun. udev makes it 0666; without udev
+    (this CI machine) it stays 0600 root and no VM of a system install can start. Then every command runs
+    with a 0666 node of the same device bind-mounted over /dev/net/tun in the mount namespace that
+    `ip netns exec` makes for it (the services and their VMs inherit it), without changing the machine."""
+
+    ns: str = ""
+    tun: Path | None = None
+
+    @property
+    def bridge(self) -> str:
+        return f"br-fc-u{self.ns.rsplit('-', 1)[1]}"
+
+    def _in_ns(self, argv: list[str]) -> list[str]:
+        if self.tun is None:
+            return ["ip", "netns", "exec", self.ns, *argv]
+        return ["ip", "netns", "exec", self.ns, "sh", "-c", 'mount --bind "$0" /dev/net/tun && exec "$@"',
+                str(self.tun), *argv]
+
+    def run(self, *args: str, user: SystemUser | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.entry), *args]
+        env = self.env
+        if user is not None:
+            argv = user.argv(argv)
+            env = {**env, "HOME": str(self.home)}
+        return subprocess.run(self._in_ns(argv), env=env, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+    def dev(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self._in_ns([sys.executable, "-m", "banger", *args]), env=self.env,
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+    def ok(self, *args: str, timeout: float = 300) -> str:
+        proc = self.run(*args, timeout=timeout)
+        assert proc.returncode == 0, f"banger {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    def qemu_pids(self) -> list[int]:
+        return qemu_pids_under(self.prefix)
+
+    def dig(self, name: str) -> str:
+        argv = ["dig", "+short", "+time=2", "+tries=2", "@127.0.0.1", "-p", "42069", name]
+        return subprocess.run(self._in_ns(argv), capture_output=True, text=True, timeout=30).stdout.strip()
+
+    def tap_master(self, tap: str) -> str | None:
+        out = subprocess.run(["ip", "-n", self.ns, "-j", "link", "show", "dev", tap], capture_output=True, text=True)
+        links = json.loads(out.stdout) if out.returncode == 0 else []
+        return links[0].get("master") if links else None
+
+
+@pytest.fixture
+def vm_host(owner_user: SystemUser, release_set: ReleaseSet) -> Iterator[NetnsHost]:  # noqa: F811
+    """0.0.1 installed in a network namespace of its own, with the default image built by its daemon from
+    the cached mmdebstrap tarball, and the kernel built from the cached Debian package and imported (the
+    namespace cannot reach the archive to pull it)."""
+    tar, record = golden_tarball("debian-bookworm")
+    suffix = secrets.token_hex(2)
+    base = new_host(owner_user)
+    host = NetnsHost(base.prefix, base.owner, base.home, ns=f"banger-upd-{suffix}")
+    subprocess.run(["ip", "netns", "add", host.ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", host.ns, "link", "set", "lo", "up"], check=True)
+        tun = os.stat("/dev/net/tun")
+        if stat.S_IMODE(tun.st_mode) != 0o666:
+            host.tun = host.prefix / "tun"
+            os.mknod(host.tun, stat.S_IFCHR | 0o666, tun.st_rdev)
+            os.chmod(host.tun, 0o666)  # mknod's mode went through the umask
+        (host.prefix / "etc/banger").mkdir(parents=True)
+        (host.prefix / "etc/banger/config.toml").write_text(
+            CONFIG.format(bridge=host.bridge, net=int(suffix, 16) % 250 + 1))
+        started = time.monotonic()
+        host.install_from(release_set.tarball("0.0.1"))
+        installed = time.monotonic()
+        downloads = host.prefix / "var/cache/banger/downloads"
+        downloads.mkdir(mode=0o700)
+        for src in (tar, record):
+            shutil.copyfile(src, downloads / src.name)
+        for p in (downloads, *downloads.iterdir()):
+            os.chown(p, host.owner.uid, host.owner.gid)
+        kernel = host.prefix / "kernel-build"  # where the owner's daemon can read it
+        kver = debian_kernel_files("debian-12-cloud", kernel)
+        host.ok("kernel", "import", "debian-12-cloud", "--from", str(kernel), "--distro", "debian", "--arch", "amd64",
+                "--kernel-version", kver)
+        imported = time.monotonic()
+        host.ok("image", "pull", "debian-bookworm", timeout=600)
+        print(f"\ninstall {installed - started:.1f}s, kernel {imported - installed:.1f}s, "
+              f"image pull {time.monotonic() - imported:.1f}s")
+        yield host
+    finally:
+        with contextlib.suppress(Exception):
+            for vm in json.loads(host.run("vm", "list", "--json", timeout=30).stdout):
+                host.run("vm", "delete", vm["name"], timeout=120)
+        with contextlib.suppress(Exception):
+            host.run("system", "uninstall", "--purge", timeout=60)
+        for pid in host.qemu_pids():  # a VM banger failed to delete (the test has failed then)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", host.ns], check=False)
+        destroy(host)
+
+
+@pytest.mark.vm
+@pytest.mark.network  # only with an empty BANGER_TEST_CACHE: the golden tarball and the kernel package
+def test_running_vm_survives_a_rolled_back_update_and_an_update(
+        vm_host: NetnsHost, release_set: ReleaseSet, tmp_path: Path) -> None:  # noqa: F811
+    host = vm_host
+    started = time.monotonic()
+    host.ok("vm", "create", "--name", "keeper", timeout=600)
+    created = time.monotonic()
+    before = json.loads(host.ok("vm", "show", "keeper", "--json"))
+    pid, tap, ip = int(before["runtime"]["pid"]), str(before["runtime"]["tap"]), before["guest_ip"]
+    assert before["state"] == "running" and host.qemu_pids() == [pid]
+    boot_id = host.ok("vm", "exec", "keeper", "--", "cat", "/proc/sys/kernel/random/boot_id").strip()
+    assert len(boot_id) == 36
+    assert host.dig("keeper.vm") == ip and host.tap_master(tap) == host.bridge
+
+    def assert_same_vm_adopted(daemon_pid: int | None) -> None:
+        # A daemon other than the one that launched the VM now serves it: restarted, not left running.
+        assert host.pid("bangerd") not in (None, daemon_pid)
+        # The same QEMU process, never restarted: the guest has the same boot id (agent and ssh both).
+        assert host.qemu_pids() == [pid] and _alive(pid)
+        vm = json.loads(host.ok("vm", "show", "keeper", "--json"))
+        assert (vm["state"], vm["runtime"]["pid"], vm["runtime"]["tap"]) == ("running", pid, tap)
+        assert json.loads(host.ok("vm", "list", "--json"))[0]["state"] == "running"
+        assert host.ok("vm", "exec", "keeper", "--", "cat", "/proc/sys/kernel/random/boot_id").strip() == boot_id
+        # Re-adopted: back in the new daemon's DNS, its tap still on the bridge, reachable over the network.
+        assert host.dig("keeper.vm") == ip and host.tap_master(tap) == host.bridge
+        assert host.ok("vm", "ssh", "keeper", "--", "cat", "/proc/sys/kernel/random/boot_id").strip() == boot_id
+
+    with serve_site(release_set, tmp_path / "site", ns=host.ns) as site:  # on the loopback `update` sees
+        daemon_pid = host.pid("bangerd")
+        proc = update(host, site, "--to", "v0.0.2-baddoctor")
+        rolled_back = time.monotonic()
+        assert proc.returncode == 1, proc.stderr
+        assert error_line(proc) == (
+            "banger: update to v0.0.2-baddoctor failed: doctor reports FAIL (release build): this build was made "
+            "with `make-release --test-fault doctor`: a deliberately broken release for tests "
+            "(rolled back to previous install)")
+        assert "running `banger doctor` as v0.0.2-baddoctor" in proc.stderr  # it ran, with the VM, then went
+        assert host.ping()["version"] == "0.0.1"
+        assert_same_vm_adopted(daemon_pid)
+        checked = time.monotonic()
+
+        daemon_pid = host.pid("bangerd")
+        proc = update(host, site)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "updated banger v0.0.1 -> v0.0.2"), proc.stderr
+        assert host.ping()["version"] == "0.0.2"
+        assert_same_vm_adopted(daemon_pid)
+        updated = time.monotonic()
+    # The adopted VM's tap is still its own (marked in use, not back in the pool): a new VM gets another
+    # one and runs beside it.
+    second = host.run("vm", "run", "--rm", "--name", "second", "--", "true", timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert host.qemu_pids() == [pid]
+    ran = time.monotonic()
+
+    host.ok("vm", "delete", "keeper", timeout=120)
+    assert host.qemu_pids() == [] and not _alive(pid)
+    assert json.loads(host.ok("vm", "list", "--json")) == [] and host.dig("keeper.vm") == ""
+    services = (host.pid("bangerd"), host.pid("bangerd-root"))
+    host.ok("system", "uninstall", "--purge", timeout=60)
+    assert not any(_alive(p) for p in services if p is not None)
+    print(f"vm create {created - started:.1f}s, update rolled back {rolled_back - created:.1f}s, "
+          f"checks {checked - rolled_back:.1f}s, update + checks {updated - checked:.1f}s, "
+          f"second vm {ran - updated:.1f}s, delete + uninstall {time.monotonic() - ran:.1f}s")
