@@ -4,6 +4,8 @@ owner user and as a foreign user, making real bridges and taps and signalling re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from banger import log as blog
+from banger.errors import BangerError
 from banger.roothelper.client import HelperClient, HelperUnreachable
 from banger.rpc import client
 from banger.rpc.protocol import RpcError
@@ -66,7 +69,7 @@ SLEEPER = "import time; time.sleep(120)"
 
 @dataclass
 class Helper:
-    ns: str
+    ns: str  # "" when the helper runs in the test's own namespaces
     base: Path
     owner: SystemUser
     socket: Path
@@ -123,9 +126,10 @@ class Helper:
         return self.proc.wait(10)
 
 
-def helper_argv(ns: str, base: Path, owner_uid: int, sock: Path) -> list[str]:
+def helper_argv(ns: str | None, base: Path, owner_uid: int, sock: Path) -> list[str]:
+    # Without a namespace the helper shares the test's mounts (the jail tests mount inside jails).
     return [
-        "ip", "netns", "exec", ns, sys.executable, "-m", "banger.roothelper.main",
+        *(["ip", "netns", "exec", ns] if ns else []), sys.executable, "-m", "banger.roothelper.main",
         "--owner-uid", str(owner_uid), "--socket", str(sock),
         "--state-dir", str(base / "state"), "--cache-dir", str(base / "cache"),
         "--runtime-dir", str(base / "run"), "--log-file", str(base / "helper.log"),
@@ -152,6 +156,13 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def write_config(base: Path, **keys: str) -> None:
+    """The helper's config.toml (root's layout points into `base`, see helper_env)."""
+    path = base / "root-home/config/banger/config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items()))
+
+
 @pytest.fixture
 def base(owner_user: SystemUser) -> Iterator[Path]:
     # Not pytest's tmp_path: that is 0700 root, and the owner user must reach the socket.
@@ -160,24 +171,36 @@ def base(owner_user: SystemUser) -> Iterator[Path]:
     for sub in ("state", "cache", "run"):
         (path / sub).mkdir()
         os.chown(path / sub, owner_user.uid, owner_user.gid)
+    # Jails under a root-only directory; the jailer is missing unless a test configures one.
+    write_config(path, jailer_chroot_base=str(path / "jail"), jailer_bin=str(path / "no-jailer" / "jailer"))
     try:
         yield path
     finally:
+        with contextlib.suppress(OSError):
+            for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+                if line.split()[4].startswith(str(path) + "/"):
+                    subprocess.run(["umount", "-l", line.split()[4]], check=False)
         shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 def helper(netns: str, base: Path, owner_user: SystemUser) -> Iterator[Helper]:
-    sock = base / "helper-run" / "bangerd-root.sock"
-    with open(base / "helper.stderr", "wb") as stderr:
+    with running_helper(netns, base, owner_user) as h:
+        yield h
+
+
+@contextlib.contextmanager
+def running_helper(netns: str | None, base: Path, owner_user: SystemUser, name: str = "helper-run") -> Iterator[Helper]:
+    sock = base / name / "bangerd-root.sock"
+    with open(base / f"{name}.stderr", "wb") as stderr:
         proc = subprocess.Popen(helper_argv(netns, base, owner_user.uid, sock), env=helper_env(base),
                                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-    h = Helper(netns, base, owner_user, sock, base / "helper.log", base / "state", base / "cache", base / "run", proc)
+    h = Helper(netns or "", base, owner_user, sock, base / "helper.log", base / "state", base / "cache", base / "run", proc)
     try:
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"bangerd-root exited with {proc.returncode}: {(base / 'helper.stderr').read_text()}")
+                pytest.fail(f"bangerd-root exited with {proc.returncode}: {(base / f'{name}.stderr').read_text()}")
             try:
                 h.call("priv.ping")
                 break
@@ -580,3 +603,487 @@ def test_client_unreachable_helper(base: Path) -> None:
             asyncio.run(HelperClient(sock, system=system).ping())
         assert exc.value.message == f"root helper not reachable at {sock}"
         assert exc.value.hint == hint
+
+
+# --- jails (priv.jail_*) ------------------------------------------------------------------------------
+
+VM_ID = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+JAIL_ID = VM_ID[:8]
+REAL_JAILER = os.environ.get("BANGER_JAILER_BIN") or shutil.which("jailer")
+NO_JAILER = ("no jailer binary (set BANGER_JAILER_BIN or put `jailer` on PATH): the real jailed launch did NOT run; "
+             "staging, cleanup and every refusal of priv.jail_launch did")
+
+
+@dataclass
+class JailFiles:
+    """One VM's files as the daemon lays them out, and a fake (root-owned) firecracker binary to copy in."""
+
+    base: Path
+    owner: SystemUser
+    exec_file: Path
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    overlay: Path
+    blockdev: Path
+    run_dir: Path
+    console: Path
+
+    @property
+    def jail_base(self) -> Path:
+        return self.base / "jail"
+
+    def jail_dir(self, binary: str = "firecracker") -> Path:
+        return self.jail_base / binary / JAIL_ID
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "vm_id": VM_ID, "run_dir": str(self.run_dir), "chroot_base": str(self.jail_base),
+            "exec_file": str(self.exec_file), "uid": self.owner.uid, "gid": self.owner.gid,
+            "kernel": str(self.kernel), "initrd": str(self.initrd),
+            "drives": [{"id": "rootfs", "path": str(self.rootfs), "read_only": True, "root": True},
+                       {"id": "overlay", "path": str(self.overlay), "read_only": False},
+                       {"id": "scratch", "path": str(self.blockdev), "read_only": False}],
+            "log": str(self.run_dir / "firecracker.log"), "metrics": str(self.run_dir / "firecracker.metrics"),
+            "vsock": str(self.run_dir / "vsock.sock"),
+        }
+        params.update(changes)
+        return {k: v for k, v in params.items() if v is not ...}
+
+
+def owned(path: Path, user: SystemUser | None, mode: int, data: bytes = b"") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if user is not None:
+        os.chown(path, user.uid, user.gid)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def jail_helper(base: Path, owner_user: SystemUser) -> Iterator[Helper]:
+    """A helper in the test's own mount namespace: it must see (and undo) the mounts the tests make."""
+    with running_helper(None, base, owner_user) as h:
+        yield h
+
+
+@pytest.fixture
+def jail_files(base: Path, owner_user: SystemUser) -> JailFiles:
+    state, run = base / "state", base / "run"
+    vm_dir = state / "vms" / VM_ID
+    blockdev = vm_dir / "scratch.blk"
+    blockdev.parent.mkdir(parents=True)
+    os.mknod(blockdev, stat.S_IFBLK | 0o600, os.makedev(7, 250))  # a loop minor nobody uses: never opened
+    run_dir = run / "vms" / JAIL_ID
+    run_dir.mkdir(parents=True)
+    os.chown(run_dir, owner_user.uid, owner_user.gid)
+    return JailFiles(
+        base=base, owner=owner_user,
+        exec_file=owned(base / "bin" / "firecracker", None, 0o755, b"\x7fELF not really firecracker"),
+        kernel=owned(state / "kernels" / "k" / "vmlinux", owner_user, 0o644, b"\x7fELF kernel"),
+        initrd=owned(state / "kernels" / "k" / "initrd.img", None, 0o644, b"initrd"),
+        rootfs=owned(state / "images" / "i" / "rootfs.ext4", None, 0o644, b"rootfs"),
+        overlay=owned(vm_dir / "overlay.ext4", owner_user, 0o600, b"overlay"),
+        blockdev=blockdev, run_dir=run_dir, console=vm_dir / "console.log",
+    )
+
+
+def tree(root: Path) -> dict[str, tuple[str, int, int, int]]:
+    """Every path below `root` (symlinks not followed): kind, owner uid, mode, inode."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            kind = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "link", stat.S_IFBLK: "blk",
+                    stat.S_IFSOCK: "sock"}.get(stat.S_IFMT(info.st_mode), "other")
+            found[str(path.relative_to(root))] = (kind, info.st_uid, stat.S_IMODE(info.st_mode), info.st_ino)
+    return found
+
+
+def mounts_under(path: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(path) + "/")]
+
+
+def test_jail_stage_builds_exactly_the_planned_tree(jail_helper: Helper, jail_files: JailFiles) -> None:
+    f, owner = jail_files, jail_files.owner
+    before = tree(f.base / "state")
+    answer = jail_helper.call("priv.jail_stage", f.params())
+    jail = f.jail_dir()
+    chroot = jail / "root"
+    assert answer["jail_dir"] == str(jail) and answer["chroot"] == str(chroot)
+    assert answer["staged"] == [
+        f"copy {f.exec_file} -> {chroot}/firecracker 0500 {owner.uid}:{owner.gid}",
+        f"link {f.kernel} -> {chroot}/vmlinux",
+        f"link {f.initrd} -> {chroot}/initrd.img",
+        f"link {f.rootfs} -> {chroot}/rootfs.ext4",
+        f"link {f.overlay} -> {chroot}/overlay.ext4",
+        f"mknod {chroot}/scratch.blk block 7:250 0600 {owner.uid}:{owner.gid}",
+        f"touch {chroot}/firecracker.log 0600 {owner.uid}:{owner.gid}",
+        f"touch {chroot}/firecracker.metrics 0600 {owner.uid}:{owner.gid}",
+    ]
+    got = tree(f.jail_base)
+    ino = {name: info[3] for name, info in got.items()}
+    expected = {
+        "firecracker": ("dir", 0, 0o711),
+        f"firecracker/{JAIL_ID}": ("dir", 0, 0o711),
+        f"firecracker/{JAIL_ID}/banger-jail.json": ("file", 0, 0o600),
+        f"firecracker/{JAIL_ID}/root": ("dir", 0, 0o700),
+        f"firecracker/{JAIL_ID}/root/firecracker": ("file", owner.uid, 0o500),
+        f"firecracker/{JAIL_ID}/root/vmlinux": ("file", owner.uid, 0o644),
+        f"firecracker/{JAIL_ID}/root/initrd.img": ("file", 0, 0o644),
+        f"firecracker/{JAIL_ID}/root/rootfs.ext4": ("file", 0, 0o644),
+        f"firecracker/{JAIL_ID}/root/overlay.ext4": ("file", owner.uid, 0o600),
+        f"firecracker/{JAIL_ID}/root/scratch.blk": ("blk", owner.uid, 0o600),
+        f"firecracker/{JAIL_ID}/root/firecracker.log": ("file", owner.uid, 0o600),
+        f"firecracker/{JAIL_ID}/root/firecracker.metrics": ("file", owner.uid, 0o600),
+    }
+    assert {name: info[:3] for name, info in got.items()} == expected
+    # Hard links share the inode (same filesystem); the binary is a copy; the node has the host's numbers.
+    for name, source in (("vmlinux", f.kernel), ("initrd.img", f.initrd), ("rootfs.ext4", f.rootfs),
+                         ("overlay.ext4", f.overlay)):
+        assert ino[f"firecracker/{JAIL_ID}/root/{name}"] == source.stat().st_ino
+    assert (chroot / "firecracker").read_bytes() == f.exec_file.read_bytes()
+    assert (chroot / "firecracker").stat().st_ino != f.exec_file.stat().st_ino
+    assert (chroot / "scratch.blk").lstat().st_rdev == os.makedev(7, 250)
+    assert stat.S_IMODE(f.jail_base.stat().st_mode) == 0o711 and f.jail_base.stat().st_uid == 0
+    assert tree(f.base / "state") == before  # nothing of the daemon's changed
+    assert list(f.run_dir.iterdir()) == []  # links come with launch
+
+    err = jail_helper.error("priv.jail_stage", f.params())
+    assert (err.code, err.message) == ("already_exists", f"a jail for VM {VM_ID} already exists ({jail})")
+    assert tree(f.jail_base) == got
+
+    assert jail_helper.call("priv.jail_cleanup", {"vm_id": VM_ID}) == {"vm_id": VM_ID, "removed": [str(jail)]}
+    assert list(f.jail_base.iterdir()) == []
+    assert tree(f.base / "state") == before
+    assert jail_helper.call("priv.jail_cleanup", {"vm_id": VM_ID}) == {"vm_id": VM_ID, "removed": []}  # idempotent
+
+
+def test_jail_stage_copies_read_only_files_from_another_filesystem(jail_helper: Helper, jail_files: JailFiles) -> None:
+    f, owner = jail_files, jail_files.owner
+    other = f.base / "state" / "other-fs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], check=True)
+    try:
+        rootfs = owned(other / "rootfs.ext4", None, 0o644, b"read-only image")
+        disk = owned(other / "disk.ext4", owner, 0o600, b"writable disk")
+        answer = jail_helper.call("priv.jail_stage", f.params(drives=[
+            {"id": "rootfs", "path": str(rootfs), "read_only": True}]))
+        chroot = f.jail_dir() / "root"
+        assert f"copy {rootfs} -> {chroot}/rootfs.ext4 0400 {owner.uid}:{owner.gid}" in answer["staged"]
+        copy = (chroot / "rootfs.ext4").stat()
+        assert (copy.st_uid, stat.S_IMODE(copy.st_mode)) == (owner.uid, 0o400)
+        assert (chroot / "rootfs.ext4").read_bytes() == b"read-only image"
+        jail_helper.call("priv.jail_cleanup", {"vm_id": VM_ID})
+
+        err = jail_helper.error("priv.jail_stage", f.params(drives=[{"id": "disk", "path": str(disk), "read_only": False}]))
+        assert (err.code, err.message) == ("bad_request", (
+            f"drive 'disk' {str(disk)!r} is writable and on another filesystem than the jail ({f.jail_base}); "
+            "a copy would lose the guest's writes"))
+        assert list(f.jail_base.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
+def jail_refusals(f: JailFiles, owner: SystemUser) -> list[tuple[dict[str, Any], str]]:
+    state = f.base / "state"
+    escape = state / "escape"
+    escape.symlink_to("/etc")
+    root_only = owned(state / "kernels" / "secret" / "vmlinux", None, 0o600, b"\x7fELF")
+    fc_link = f.base / "bin" / "fc-link"
+    fc_link.symlink_to(f.exec_file)
+    fc_owned = owned(f.base / "bin2" / "firecracker", owner, 0o755, b"\x7fELF")
+    fc_private = owned(f.base / "bin3" / "firecracker", None, 0o700, b"\x7fELF")
+    drive_not_mine = owned(state / "vms" / "x" / "disk.ext4", None, 0o644, b"")
+    return [
+        (f.params(vm_id="../../etc"), 'vm_id "../../etc" is not allowed (must be 8 to 32 lowercase hex digits)'),
+        (f.params(chroot_base="/"), f'chroot_base "/" is not the helper\'s jailer_chroot_base "{f.jail_base}" '
+                                    "(restart bangerd-root after changing config.toml)"),
+        (f.params(uid=0), f"jail uid 0 is not allowed (Firecracker runs as the owner uid {owner.uid})"),
+        (f.params(gid=0), f"jail gid 0 is not allowed (Firecracker runs as the owner's group {owner.gid})"),
+        (f.params(uid="1000"), 'uid must be an integer, got "1000"'),
+        (f.params(kernel="/etc/passwd"), 'path "/etc/passwd" is outside banger\'s directories'),
+        (f.params(kernel=f"{escape}/shadow"),
+         f'path "{escape}/shadow" resolves to "/etc/shadow", outside banger\'s directories'),
+        (f.params(initrd=f"{state}/../x"), f'path "{state}/../x" must not contain ".." components'),
+        (f.params(kernel=str(root_only)),
+         f"kernel {str(root_only)!r} is not readable by the jail user {owner.uid}:{owner.gid} "
+         f"(owner 0:0, mode 0600) (chown {owner.uid}:{owner.gid} {root_only})"),
+        (f.params(drives=[{"id": "d", "path": str(drive_not_mine), "read_only": False}]),
+         f"drive 'd' {str(drive_not_mine)!r} is not read and writeable by the jail user {owner.uid}:{owner.gid} "
+         f"(owner 0:0, mode 0644) (chown {owner.uid}:{owner.gid} {drive_not_mine})"),
+        (f.params(drives=[{"id": "d", "path": str(f.overlay)}]), 'a drive of priv.jail_stage needs param "read_only"'),
+        (f.params(drives=[{"id": "d", "path": str(f.overlay), "read_only": "no"}]),
+         'drive "d": read_only and root must be true or false'),
+        (f.params(drives="all"), 'drives must be a list of at most 16 drives, got "all"'),
+        (f.params(exec_file=str(fc_link)),
+         f"firecracker binary {str(fc_link)!r} is not a regular file (symlinks are not followed)"),
+        (f.params(exec_file=str(fc_owned)),
+         f"firecracker binary {str(fc_owned)!r} must be owned by root and not group/world-writable "
+         f"(owner uid {owner.uid}, mode 0755) (chown root:root {fc_owned} && chmod 0755 {fc_owned})"),
+        (f.params(exec_file=str(fc_private)),
+         f"firecracker binary {str(fc_private)!r} must be readable and executable by everyone (mode 0700) "
+         f"(chmod 0755 {fc_private})"),
+        (f.params(exec_file="/nonexistent/firecracker"),
+         "firecracker binary '/nonexistent/firecracker' cannot be read: No such file or directory"),
+        (f.params(log=str(f.base / "run" / "elsewhere.log")),
+         f"jailed Firecracker's log {str(f.base / 'run' / 'elsewhere.log')!r} must be a file of the run directory "
+         f"{f.run_dir} other than fc.sock"),
+        (f.params(kernel=str(state / "kernels" / "k" / "missing")),
+         f"kernel {str(state / 'kernels' / 'k' / 'missing')!r} cannot be staged into the jail: No such file or directory"),
+        (f.params(netns="/run/netns/x"), 'priv.jail_stage does not take param "netns" (allowed: chroot_base, drives, '
+                                         "exec_file, gid, initrd, kernel, log, metrics, run_dir, uid, vm_id, vsock)"),
+        (f.params(kernel=...), 'priv.jail_stage needs param "kernel"'),
+    ]
+
+
+def test_jail_stage_refuses_bad_arguments_and_creates_nothing(jail_helper: Helper, jail_files: JailFiles) -> None:
+    f = jail_files
+    refusals = jail_refusals(f, f.owner)
+    before = tree(f.base)
+    for params, message in refusals:
+        err = jail_helper.error("priv.jail_stage", params)
+        assert (err.code, err.message if not err.hint else f"{err.message} ({err.hint})") == ("bad_request", message)
+        assert tree(f.base) == before, f"{message}: something was left behind"
+    assert not f.jail_base.exists()
+    assert mounts_under(f.base) == []
+
+
+def test_jail_base_must_be_root_only(base: Path, owner_user: SystemUser, jail_files: JailFiles) -> None:
+    # Under the owner's state directory the owner could swap the base for a symlink while the jailer runs.
+    unsafe = base / "state" / "jail"
+    write_config(base, jailer_chroot_base=str(unsafe))
+    with running_helper(None, base, owner_user) as h:
+        err = h.error("priv.jail_stage", jail_files.params(chroot_base=str(unsafe)))
+    assert (err.code, err.message) == ("bad_request", (
+        f"jailer_chroot_base {unsafe} is not safe for the jailer: {base / 'state'} can be changed by uid "
+        f"{owner_user.uid} or others (mode 0755)"))
+    assert err.hint is not None and "/var/lib/banger-jail" in err.hint
+    assert not unsafe.exists()
+
+
+def test_jail_cleanup_unmounts_never_follows_links_and_waits_for_the_vmm(
+    jail_helper: Helper, jail_files: JailFiles, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    f = jail_files
+    jail_helper.call("priv.jail_stage", f.params())
+    chroot = f.jail_dir() / "root"
+    # What a jail user could leave behind: links out of the jail, and (root's doing) a mount inside it.
+    outside = f.base / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("precious")
+    (chroot / "escape").symlink_to(outside)
+    (chroot / "keep-link").symlink_to(outside / "keep")
+    (chroot / "mnt").mkdir()
+    subprocess.run(["mount", "--bind", str(outside), str(chroot / "mnt")], check=True)
+    # A process whose root is the chroot is the jailed VMM: cleanup refuses while it runs.
+    jailed = subprocess.Popen([sys.executable, "-c", "import os, sys, time; os.chroot(sys.argv[1]); time.sleep(60)",
+                               str(chroot)])
+    spawned.append(jailed)
+    deadline = time.monotonic() + 10
+    while os.stat(f"/proc/{jailed.pid}/root").st_ino != chroot.stat().st_ino:
+        assert time.monotonic() < deadline, "the chrooted process did not start"
+        time.sleep(0.02)
+    err = jail_helper.error("priv.jail_cleanup", {"vm_id": VM_ID})
+    assert (err.code, err.message) == (
+        "operation_failed", f"Firecracker (pid {jailed.pid}) still runs in the jail of VM {VM_ID}; stop it first")
+    assert (chroot / "vmlinux").exists()
+    jailed.kill()
+    jailed.wait(10)
+
+    assert jail_helper.call("priv.jail_cleanup", {"vm_id": VM_ID})["removed"] == [str(f.jail_dir())]
+    assert list(f.jail_base.iterdir()) == []
+    assert mounts_under(f.base) == []
+    assert (outside / "keep").read_text() == "precious"
+    assert f.kernel.read_bytes() == b"\x7fELF kernel"
+
+
+def test_jail_launch_refusals_leave_nothing(base: Path, jail_helper: Helper, jail_files: JailFiles) -> None:
+    f = jail_files
+    launch = {"vm_id": VM_ID, "console_log": str(f.console)}
+    err = jail_helper.error("priv.jail_launch", launch)
+    assert (err.code, err.message, err.hint) == (
+        "not_found", f"VM {VM_ID} has no staged jail", "call priv.jail_stage first")
+
+    jail_helper.call("priv.jail_stage", f.params())
+    staged = tree(f.jail_base)
+    missing = base / "no-jailer" / "jailer"
+    err = jail_helper.error("priv.jail_launch", launch)
+    assert (err.code, err.message, err.hint) == (
+        "not_found", f"jailer binary {missing} does not exist",
+        "install Firecracker's jailer and set jailer_bin in config.toml, or set jailer_enabled = false")
+    assert tree(f.jail_base) == staged and list(f.run_dir.iterdir()) == [] and not f.console.exists()
+
+    for params, message in [
+        ({"vm_id": VM_ID, "console_log": "/etc/motd"}, 'path "/etc/motd" is outside banger\'s directories'),
+        ({"vm_id": VM_ID}, 'priv.jail_launch needs param "console_log"'),
+        ({"vm_id": "xyz", "console_log": str(f.console)},
+         'vm_id "xyz" is not allowed (must be 8 to 32 lowercase hex digits)'),
+    ]:
+        err = jail_helper.error("priv.jail_launch", params)
+        assert (err.code, err.message) == ("bad_request", message)
+    assert tree(f.jail_base) == staged and list(f.run_dir.iterdir()) == [] and not f.console.exists()
+    jail_helper.call("priv.jail_cleanup", {"vm_id": VM_ID})
+
+    # A jailer that only root may change: owned by the owner, it is refused.
+    writable = owned(base / "bin" / "jailer", jail_helper.owner, 0o755, b"#!/bin/sh\n")
+    write_config(base, jailer_chroot_base=str(f.jail_base), jailer_bin=str(writable))
+    with running_helper(None, base, jail_helper.owner, "helper-run-2") as h2:
+        h2.call("priv.jail_stage", f.params())
+        err = h2.error("priv.jail_launch", launch)
+        assert (err.code, err.message) == ("bad_request", (
+            f"jailer binary {str(writable)!r} must be owned by root and not group/world-writable "
+            f"(owner uid {jail_helper.owner.uid}, mode 0755)"))
+        assert list(f.run_dir.iterdir()) == [] and not f.console.exists()
+        h2.call("priv.jail_cleanup", {"vm_id": VM_ID})
+    assert list(f.jail_base.iterdir()) == []
+
+
+def test_jail_launch_links_the_run_directory_and_cleanup_removes_the_links(
+    base: Path, owner_user: SystemUser, jail_files: JailFiles
+) -> None:
+    """A jailer that exits at once (/usr/bin/false; fault injection): launch's own work is all real."""
+    f = jail_files
+    write_config(base, jailer_chroot_base=str(f.jail_base), jailer_bin="/usr/bin/false")
+    with running_helper(None, base, owner_user) as h:
+        h.call("priv.jail_stage", f.params())
+        (f.run_dir / "fc.sock").write_text("stale")  # a leftover of an earlier run is replaced
+        answer = h.call("priv.jail_launch", {"vm_id": VM_ID, "console_log": str(f.console)})
+        chroot = f.jail_dir() / "root"
+        assert answer["api_socket"] == str(f.run_dir / "fc.sock") and answer["jail_dir"] == str(f.jail_dir())
+        links = {p.name: os.readlink(p) for p in f.run_dir.iterdir()}
+        assert links == {"fc.sock": f"{chroot}/firecracker.socket", "vsock.sock": f"{chroot}/vsock.sock",
+                         "firecracker.log": f"{chroot}/firecracker.log",
+                         "firecracker.metrics": f"{chroot}/firecracker.metrics"}
+        assert all(p.lstat().st_uid == owner_user.uid for p in f.run_dir.iterdir())
+        console = f.console.stat()
+        assert (console.st_uid, stat.S_IMODE(console.st_mode)) == (owner_user.uid, 0o600)
+        # The helper reaps its child: no zombie is left once the "jailer" exited.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{answer['pid']}").exists():
+            assert time.monotonic() < deadline, "the exited jailer was not reaped"
+            time.sleep(0.02)
+
+        # A console log that is not the owner's is refused: root must not write where the owner cannot.
+        foreign = owned(f.console.with_name("other.log"), None, 0o644, b"root's")
+        err = h.error("priv.jail_launch", {"vm_id": VM_ID, "console_log": str(foreign)})
+        assert (err.code, err.message) == (
+            "bad_request", f"console log {str(foreign)!r} belongs to uid 0, not the owner {owner_user.uid}")
+        assert foreign.read_bytes() == b"root's"
+
+        assert h.call("priv.jail_cleanup", {"vm_id": VM_ID})["removed"] == [str(f.jail_dir())]
+        assert list(f.run_dir.iterdir()) == []
+        assert list(f.jail_base.iterdir()) == []
+
+
+def jailed_backend(f: JailFiles, sock: Path, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+    from banger.roothelper.client import HelperJailLauncher
+    from banger.vmm.base import DriveSpec, VmSpec, VsockSpec
+    from banger.vmm.firecracker.backend import FirecrackerVmm
+    from banger.vmm.firecracker.launcher import JailSetup
+
+    launcher = HelperJailLauncher(HelperClient(sock, system=False), loop)
+    fc = FirecrackerVmm(firecracker_bin=str(f.exec_file),
+                        jail=JailSetup(launcher, str(f.jail_base), f.owner.uid, f.owner.gid))
+    spec = VmSpec(vm_id=VM_ID, name="jailed", vcpu=1, memory_mib=128, kernel=f.kernel, initrd=f.initrd,
+                  cmdline="root=/dev/vda ro", console_log=f.console, run_dir=f.run_dir,
+                  drives=(DriveSpec("rootfs", f.rootfs, read_only=True, root=True), DriveSpec("overlay", f.overlay)),
+                  vsock=VsockSpec(3, f.run_dir / "vsock.sock"))
+    return fc, spec
+
+
+@contextlib.contextmanager
+def daemon_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The daemon's event loop in a thread; the test plays the worker thread that runs Vmm methods."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize("jailer", ["missing", "/usr/bin/false"])
+def test_jailed_firecracker_backend_failures_leave_nothing(
+    base: Path, owner_user: SystemUser, jail_files: JailFiles, jailer: str
+) -> None:
+    """FirecrackerVmm through the real helper: a missing jailer, or one that dies at once, is one line and
+    leaves no jail, link, pidfile or process."""
+    f = jail_files
+    jailer_bin = str(base / "no-jailer" / "jailer") if jailer == "missing" else jailer
+    write_config(base, jailer_chroot_base=str(f.jail_base), jailer_bin=jailer_bin)
+    with running_helper(None, base, owner_user) as h, daemon_loop() as loop:
+        fc, spec = jailed_backend(f, h.socket, loop)
+        plan = fc.plan(spec)
+        assert plan.control_socket == f.run_dir / "fc.sock"
+        token = blog.current_op_id.set("op-7a11ed")  # this thread plays the daemon's worker thread
+        try:
+            with pytest.raises(BangerError) as info:
+                fc.launch(plan, timeout=5)
+        finally:
+            blog.current_op_id.reset(token)
+        # The op_id crossed from the worker thread through the daemon's loop into every helper call.
+        calls = [line["method"] for line in h.log_lines() if line.get("op_id") == "op-7a11ed" and "method" in line]
+        assert calls == ["priv.jail_stage", "priv.jail_launch", "priv.jail_cleanup"]
+        message = str(info.value)
+        assert "\n" not in message
+        if jailer == "missing":
+            assert message == (f"jailer binary {jailer_bin} does not exist (install Firecracker's jailer and set "
+                               "jailer_bin in config.toml, or set jailer_enabled = false)")
+        else:
+            assert message.startswith(f"Firecracker for VM {VM_ID} did not start: Firecracker exited before its "
+                                      f"API socket {f.run_dir}/fc.sock answered")
+        assert list(f.run_dir.iterdir()) == []
+        assert list(f.jail_base.iterdir()) == []
+
+
+@pytest.mark.skipif(REAL_JAILER is None, reason=NO_JAILER)
+def test_real_jailer_runs_firecracker_as_the_owner_in_its_chroot(
+    base: Path, owner_user: SystemUser, jail_files: JailFiles
+) -> None:
+    from banger.vmm.firecracker.api import FirecrackerApi
+
+    fc_bin = os.environ.get("BANGER_FIRECRACKER_BIN") or shutil.which("firecracker")
+    if fc_bin is None:
+        pytest.skip("no firecracker binary (BANGER_FIRECRACKER_BIN or PATH): the real jailed launch did NOT run")
+    f = dataclasses.replace(jail_files, exec_file=Path(os.path.realpath(fc_bin)))
+    write_config(base, jailer_chroot_base=str(f.jail_base), jailer_bin=os.path.realpath(str(REAL_JAILER)))
+    with running_helper(None, base, owner_user) as h, daemon_loop() as loop:
+        fc, spec = jailed_backend(f, h.socket, loop)
+        proc = fc.launch(fc.plan(spec), timeout=20)
+        try:
+            with FirecrackerApi(proc.control_socket) as api:
+                info = api.get_instance_info()
+            assert (info["state"], info["id"]) == ("Not started", JAIL_ID)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            assert f"Uid:\t{owner_user.uid}\t" in status
+            assert os.getsid(proc.pid) == proc.pid  # its own session: it outlives the daemon
+            adopted = fc.adopt(VM_ID, f.run_dir)
+            assert adopted is not None and adopted.pid == proc.pid
+        finally:
+            fc.kill(proc)
+        assert not Path(f"/proc/{proc.pid}").exists() or fc.adopt(VM_ID, f.run_dir) is None
+        assert list(f.run_dir.iterdir()) == []
+        assert list(f.jail_base.iterdir()) == []
+
+
+def test_jail_launcher_refuses_to_block_the_daemons_loop(base: Path) -> None:
+    """Called on the event loop it must wait for, the launcher would hang the daemon: it says so instead."""
+    from banger.roothelper.client import HelperJailLauncher
+
+    async def on_the_loop() -> str:
+        launcher = HelperJailLauncher(HelperClient(base / "none.sock", system=False), asyncio.get_running_loop())
+        with pytest.raises(BangerError) as info:
+            launcher.cleanup(VM_ID)
+        return info.value.message
+
+    assert asyncio.run(on_the_loop()) == (
+        "a jail launcher call was made on the daemon's event loop; run the Vmm method in a worker thread "
+        "(asyncio.to_thread)")

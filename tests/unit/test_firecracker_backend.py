@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from banger.vmm.firecracker.backend import (
     vm_config,
 )
 from banger.vmm.firecracker.config import Drive, NetIface, Vsock, request_bodies
-from banger.vmm.firecracker.jailer import JailPlan
+from banger.vmm.firecracker.launcher import JailRequest, JailSetup
 
 FC = "/opt/fc/firecracker"
 VM_ID = "0123456789abcdef0123456789abcdef"
@@ -165,9 +167,38 @@ def test_kernel_must_be_an_elf_vmlinux(tmp_path: Path) -> None:
         vmm().plan(spec(kernel=text))
 
 
-def test_jailed_plan(tmp_path: Path) -> None:
-    jail = JailPlan(chroot_base="/srv/jailer", id="01234567", exec_file=FC, uid=1234, gid=1234)
-    plan = vmm().plan(FULL, jail)
+class Launcher:
+    """A `JailLauncher` for fault injection: records calls, fails where told, "launches" a real process."""
+
+    def __init__(self, *, fail: str | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, object]] = []
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def stage(self, request: JailRequest) -> None:
+        self.calls.append(("stage", request))
+        if self.fail == "stage":
+            raise BangerError("injected: staging failed")
+
+    def launch(self, vm_id: str, console_log: Path) -> int:
+        self.calls.append(("launch", vm_id))
+        if self.fail == "launch":
+            raise BangerError("injected: the jailer did not start")
+        child = subprocess.Popen(["true"])  # a "jailer" that exits at once
+        self.children.append(child)
+        return child.pid
+
+    def cleanup(self, vm_id: str) -> None:
+        self.calls.append(("cleanup", vm_id))
+
+
+def jailed(launcher: Launcher) -> FirecrackerVmm:
+    return FirecrackerVmm(firecracker_bin=FC, jailer_bin="/usr/bin/jailer",
+                          jail=JailSetup(launcher, "/srv/jailer", 1234, 1234))
+
+
+def test_jailed_plan() -> None:
+    plan = jailed(Launcher()).plan(FULL)
     assert plan.argv == (
         "/usr/bin/jailer",
         "--id", "01234567",
@@ -177,16 +208,66 @@ def test_jailed_plan(tmp_path: Path) -> None:
         "--chroot-base-dir", "/srv/jailer",
         "--", "--api-sock", "/firecracker.socket",
     )  # fmt: skip
+    # The run directory looks as it does for a direct launch: the sockets are links into the chroot.
+    assert plan.control_socket == RUN / "fc.sock"
+    assert plan.sockets_expected == (RUN / "fc.sock", RUN / "v.sock")
+    request = plan.staging
+    assert isinstance(request, JailRequest)
     chroot = "/srv/jailer/firecracker/01234567/root"
-    assert plan.control_socket == Path(chroot + "/firecracker.socket")
-    assert plan.sockets_expected == (Path(chroot + "/firecracker.socket"), Path(chroot + "/v.sock"))
+    assert request.links() == (
+        (str(RUN / "fc.sock"), f"{chroot}/firecracker.socket"),
+        (str(RUN / "v.sock"), f"{chroot}/v.sock"),
+        (str(RUN / "firecracker.log"), f"{chroot}/firecracker.log"),
+        (str(RUN / "firecracker.metrics"), f"{chroot}/firecracker.metrics"),
+    )
+    assert request.params() == {
+        "vm_id": VM_ID, "run_dir": str(RUN), "chroot_base": "/srv/jailer", "exec_file": FC, "uid": 1234,
+        "gid": 1234, "kernel": "/k/vmlinux", "initrd": "/k/initrd.img",
+        "drives": [
+            {"id": "overlay", "path": str(VM_DIR / "overlay.ext4"), "read_only": False, "root": False},
+            {"id": "rootfs", "path": "/var/lib/banger/images/abc/rootfs.ext4", "read_only": True, "root": True},
+            {"id": "work", "path": str(VM_DIR / "work.ext4"), "read_only": False, "root": False},
+        ],
+        "log": str(RUN / "firecracker.log"), "metrics": str(RUN / "firecracker.metrics"), "vsock": str(RUN / "v.sock"),
+    }  # fmt: skip
+    jail = jailed(Launcher()).jail_plan(VM_ID)
+    assert jail is not None
     with pytest.raises(BadRequest, match="does not match"):
         vmm().plan(FULL, dataclasses.replace(jail, id="other"))
-    # Executing it needs the root helper (staging, jailer as root): refused, nothing started.
-    run_dir = tmp_path / "run"
-    with pytest.raises(BangerError, match="started by the root helper"):
-        vmm().launch(dataclasses.replace(plan, run_dir=run_dir))
-    assert not run_dir.exists()
+    # Firecracker makes its vsock socket in the chroot; the run directory links to it, so it must be there.
+    with pytest.raises(BadRequest, match=re.escape("vsock socket '/elsewhere/v.sock' must be a file of the run")):
+        jailed(Launcher()).plan(dataclasses.replace(FULL, vsock=VsockSpec(7, Path("/elsewhere/v.sock"))))
+
+
+def test_a_jailed_plan_needs_a_launcher(tmp_path: Path) -> None:
+    plan = dataclasses.replace(jailed(Launcher()).plan(FULL), run_dir=tmp_path / "run")
+    with pytest.raises(BangerError, match="has no jail launcher"):
+        vmm().launch(plan)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fail", ["stage", "launch", None])
+def test_jailed_launch_failures_leave_nothing(tmp_path: Path, fail: str | None) -> None:
+    run = tmp_path / "run"
+    launcher = Launcher(fail=fail)
+    fc = jailed(launcher)
+    spec = dataclasses.replace(FULL, run_dir=run, vsock=VsockSpec(7, run / "v.sock"),
+                               console_log=tmp_path / "console.log")
+    with pytest.raises(BangerError) as info:
+        fc.launch(fc.plan(spec), timeout=5)
+    for child in launcher.children:
+        child.wait(5)
+    steps = [name for name, _ in launcher.calls]
+    if fail == "stage":
+        assert str(info.value) == "injected: staging failed" and steps == ["stage"]
+    elif fail == "launch":
+        assert str(info.value) == "injected: the jailer did not start"
+        assert steps == ["stage", "launch", "cleanup"]  # the staged jail is removed again
+    else:
+        # The "jailer" exits at once: Firecracker never answers, the process and the jail are cleaned up.
+        assert str(info.value).startswith(f"Firecracker for VM {VM_ID} did not start: Firecracker exited before")
+        assert steps == ["stage", "launch", "cleanup"]
+    assert sorted(p.name for p in run.iterdir()) == []
 
 
 def test_runtime_paths() -> None:

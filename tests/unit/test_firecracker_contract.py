@@ -518,3 +518,39 @@ def test_schema_conversion_closes_objects_and_inlines_refs(spec: dict[str, Any])
     before = copy.deepcopy(spec["definitions"]["Drive"])
     body_schema(spec, "PUT", "/drives/x")
     assert spec["definitions"]["Drive"] == before
+
+
+class _NoLauncher:
+    """configure() of a jailed VM must not need the root helper; any call would be a bug."""
+
+    def stage(self, request: object) -> None:
+        raise AssertionError("stage called")
+
+    def launch(self, vm_id: str, console_log: Path) -> int:
+        raise AssertionError("launch called")
+
+    def cleanup(self, vm_id: str) -> None:
+        raise AssertionError("cleanup called")
+
+
+def test_a_jailed_vm_is_configured_with_in_jail_paths_only(spec: dict[str, Any], fake_fc: FakeFirecracker) -> None:
+    from banger.vmm.base import DriveSpec, VmProcess, VmSpec, VsockSpec
+    from banger.vmm.firecracker.backend import FirecrackerVmm
+    from banger.vmm.firecracker.launcher import JailSetup
+
+    run = Path("/run/banger/vms/0a1b2c3d")
+    vm = VmSpec(vm_id="0a1b2c3d4e5f6071", name="j", vcpu=1, memory_mib=256, kernel=Path("/k/vmlinux"),
+                initrd=Path("/k/initrd.img"), cmdline="root=/dev/vda ro", console_log=Path("/v/console.log"),
+                run_dir=run, drives=(DriveSpec("rootfs", Path("/i/rootfs.ext4"), read_only=True, root=True),),
+                vsock=VsockSpec(3, run / "vsock.sock"))
+    fc = FirecrackerVmm(firecracker_bin="/usr/bin/firecracker", jail=JailSetup(_NoLauncher(), "/srv/jailer", 1000, 1000))
+    proc = VmProcess(vm_id=vm.vm_id, pid=0, run_dir=run, control_socket=Path(fake_fc.path), pidfile=run / "fc.pid",
+                     stderr_log=vm.console_log, sockets=())
+    fc.configure(proc, vm)
+    paths = {key: body[key] for _, _, body in fake_fc.requests
+             for key in ("kernel_image_path", "initrd_path", "path_on_host", "uds_path", "log_path", "metrics_path")
+             if key in body}
+    assert paths == {"kernel_image_path": "/vmlinux", "initrd_path": "/initrd.img", "path_on_host": "/rootfs.ext4",
+                     "uds_path": "/vsock.sock", "log_path": "/firecracker.log", "metrics_path": "/firecracker.metrics"}
+    for method, path, body in fake_fc.requests:
+        assert spec_errors(spec, method, path, body) == [], f"{method} {path} {body}"

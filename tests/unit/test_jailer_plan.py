@@ -251,6 +251,9 @@ def test_stage_on_the_jail_filesystem_links_files_and_mknods_block_devices() -> 
     ops = files_to_stage(p, host_config(), stat=usual_fs())
     assert ops[0] == StageOp(StageKind.MKDIR, root, mode=0o700)
     assert ops[1:] == [
+        # The jailer copies the binary again over this copy (it opens it for writing and refuses a link).
+        StageOp(StageKind.COPY, f"{root}/firecracker", source="/usr/local/bin/firecracker", mode=0o500,
+                uid=UID, gid=GID),
         StageOp(StageKind.LINK, f"{root}/vmlinux", source="/var/lib/banger/kernels/k1/vmlinux"),
         StageOp(StageKind.LINK, f"{root}/initrd.img", source="/var/lib/banger/kernels/k1/initrd.img"),
         StageOp(
@@ -273,11 +276,12 @@ def test_every_target_is_inside_the_chroot_and_none_is_the_jailers() -> None:
     p = plan()
     ops = files_to_stage(p, host_config(), stat=usual_fs())
     jailer_own = {
-        p.jailed_exec_file,
         p.pid_file,
         p.api_socket_path,
         *(p.host_path(d) for d in ("/dev", "/run")),
     }
+    assert [op for op in ops if op.target == p.jailed_exec_file] == [
+        StageOp(StageKind.COPY, p.jailed_exec_file, source=p.exec_file, mode=0o500, uid=UID, gid=GID)]
     for op in ops:
         assert posixpath.commonpath([p.chroot_dir, op.target]) == p.chroot_dir, op
         assert op.target not in jailer_own, op
@@ -306,6 +310,15 @@ def test_on_another_filesystem_read_only_content_is_copied_and_owned_by_the_jail
         gid=GID,
     )
     assert ops["/img/base.ext4"].kind is StageKind.COPY
+
+
+def test_a_copy_needs_read_access_the_jail_user_already_has() -> None:
+    """Root copies for the jail user: a root-only file on another filesystem must not be handed out."""
+    fs = usual_fs()
+    fs.entries["/var/lib/banger/kernels/k1/vmlinux"] = stat_result(stat.S_IFREG | 0o600, uid=0, gid=0,
+                                                                  dev=OTHER_DEV)
+    with pytest.raises(BadRequest, match=r"kernel .* is not readable by the jail user 1000:1001"):
+        files_to_stage(plan(), host_config(), stat=fs)
 
 
 def test_a_writable_disk_on_another_filesystem_is_refused_not_copied() -> None:
@@ -401,6 +414,7 @@ def test_staging_with_real_files(tmp_path: Path) -> None:
     ops = files_to_stage(p, cfg)
     assert [(op.kind, op.source) for op in ops] == [
         (StageKind.MKDIR, None),
+        (StageKind.COPY, "/usr/local/bin/firecracker"),
         (StageKind.LINK, str(kernel)),
         (StageKind.LINK, str(work)),
     ]
@@ -434,6 +448,10 @@ def test_jailed_config_names_only_in_jail_paths() -> None:
         (stat_result(stat.S_IFREG | 0o757), "must be owned by root and not group/world-writable"),
         (stat_result(stat.S_IFREG | 0o755, uid=UID), r"\(owner uid 1000, mode 0755\)"),
         (stat_result(stat.S_IFLNK | 0o777), "is not a regular file"),
+        # Its copy in the jail belongs to the jail user: a file only root may read is not handed out.
+        (stat_result(stat.S_IFREG | 0o750), r"must be readable and executable by everyone \(mode 0750\)"),
+        (stat_result(stat.S_IFREG | 0o711), "must be readable and executable by everyone"),
+        (stat_result(stat.S_IFREG | 0o555), None),
     ],
 )
 def test_validate_exec_file(entry: os.stat_result, message: str | None) -> None:

@@ -9,7 +9,10 @@ from typing import Any
 import pytest
 
 from banger.errors import BadRequest
-from banger.roothelper import validate
+from banger.roothelper import validate, validate_jail
+from banger.vmm.firecracker.config import Drive, FirecrackerVmConfig, Vsock
+from banger.vmm.firecracker.jailer import JailPlan
+from banger.vmm.firecracker.launcher import JailRequest
 
 
 def refused(fn: Any, *args: Any) -> str:
@@ -429,3 +432,81 @@ def test_list_taps_request() -> None:
         v.list_taps_request({"bridge": "eth0"})
     with pytest.raises(BadRequest, match=r'priv.list_taps does not take param "all" \(allowed: bridge\)'):
         v.list_taps_request({"bridge": "br-fc", "all": True})
+
+
+# --- jail requests ------------------------------------------------------------------------------------
+
+
+def jail_request(tmp_path: Path) -> tuple[JailRequest, validate_jail.JailPolicy]:
+    state, run = tmp_path / "state", tmp_path / "run"
+    for d in (state, run / "vms" / "0a1b2c3d"):
+        d.mkdir(parents=True)
+    run_dir = str(run / "vms" / "0a1b2c3d")
+    policy = validate_jail.JailPolicy("/srv/jailer", 1000, 1001, (state, run))
+    plan = JailPlan(chroot_base="/srv/jailer", id="0a1b2c3d", exec_file="/usr/bin/firecracker", uid=1000, gid=1001)
+    cfg = FirecrackerVmConfig(
+        kernel_path=f"{state}/kernels/k/vmlinux", initrd_path=None, boot_args="", vcpu=1, memory_mib=1,
+        drives=(Drive("rootfs", f"{state}/images/i/rootfs.ext4", is_root_device=True, is_read_only=True),
+                Drive("work", f"{state}/vms/v/work.ext4", is_root_device=False, is_read_only=False)),
+        vsock=Vsock(3, f"{run_dir}/vsock.sock"), log_path=f"{run_dir}/firecracker.log", metrics_path=None,
+    )
+    return JailRequest("0a1b2c3d4e5f6071", run_dir, plan, cfg), policy
+
+
+def test_jail_stage_request_round_trip(tmp_path: Path) -> None:
+    """What the daemon's JailRequest sends is what the helper parses back, with every path resolved."""
+    request, policy = jail_request(tmp_path)
+    stage = validate_jail.jail_stage_request(request.params(), policy)
+    assert stage.request == request
+    assert stage.run_dir == Path(request.run_dir)
+    assert set(stage.sources) == {request.cfg.kernel_path, *(d.path_on_host for d in request.cfg.drives)}
+
+
+def test_jail_stage_request_refusals(tmp_path: Path) -> None:
+    request, policy = jail_request(tmp_path)
+    good = request.params()
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"uid": 0}, "jail uid 0 is not allowed (Firecracker runs as the owner uid 1000)"),
+        ({"gid": 1000}, "jail gid 1000 is not allowed (Firecracker runs as the owner's group 1001)"),
+        ({"uid": True}, "uid must be an integer, got true"),
+        ({"chroot_base": "/tmp"}, 'chroot_base "/tmp" is not the helper\'s jailer_chroot_base "/srv/jailer"'),
+        ({"exec_file": "firecracker"},
+         "firecracker binary 'firecracker' is not an absolute, normalised path (no '.', '..', '//')"),
+        ({"exec_file": 7}, "exec_file must be a string, got 7"),
+        ({"kernel": "/etc/passwd"}, 'path "/etc/passwd" is outside banger\'s directories'),
+        ({"run_dir": "/run"}, 'path "/run" is outside banger\'s directories'),
+        ({"vsock": "/elsewhere/v.sock"}, "jailed Firecracker's vsock socket '/elsewhere/v.sock' must be a file of "
+                                         f"the run directory {request.run_dir} other than fc.sock"),
+        ({"log": f"{request.run_dir}/fc.sock"}, "jailed Firecracker's log"),
+        ({"drives": [{"id": "a/b", "path": request.cfg.kernel_path, "read_only": True}]}, "drive_id 'a/b' is invalid"),
+        ({"drives": [{"id": "a", "path": request.cfg.kernel_path, "read_only": True, "cache": "x"}]},
+         'a drive of priv.jail_stage does not take param "cache" (allowed: id, path, read_only, root)'),
+        ({"drives": [None]}, "each drive must be an object, got null"),
+        ({"vm_id": "0A1B2C3D"}, 'vm_id "0A1B2C3D" is not allowed (must be 8 to 32 lowercase hex digits)'),
+        ({"initrd": 3}, "initrd must be a string, got 3"),
+    ]
+    for change, message in cases:
+        with pytest.raises(BadRequest) as info:
+            validate_jail.jail_stage_request({**good, **change}, policy)
+        assert info.value.message.startswith(message), (change, info.value.message)
+    # Embedded mode (the owner is root): the caller is root, who may pick any unprivileged user, never root.
+    root_policy = validate_jail.JailPolicy("/srv/jailer", 0, 0, policy.roots)
+    assert validate_jail.jail_stage_request({**good, "uid": 4242, "gid": 4242}, root_policy).request.plan.uid == 4242
+    with pytest.raises(BadRequest, match="Firecracker must not run as root"):
+        validate_jail.jail_stage_request({**good, "uid": 0, "gid": 0}, root_policy)
+    no_group = validate_jail.JailPolicy("/srv/jailer", 1000, None, policy.roots)
+    with pytest.raises(BadRequest, match="owner uid 1000 has no passwd entry"):
+        validate_jail.jail_stage_request(good, no_group)
+
+
+def test_jail_launch_and_cleanup_requests(tmp_path: Path) -> None:
+    roots = (tmp_path,)
+    assert validate_jail.jail_launch_request({"vm_id": "0a1b2c3d", "console_log": f"{tmp_path}/c.log"}, roots) == (
+        "0a1b2c3d", tmp_path / "c.log")
+    assert refused(validate_jail.jail_launch_request, {"vm_id": "0a1b2c3d", "console_log": "/var/log/x"}, roots) == (
+        'path "/var/log/x" is outside banger\'s directories')
+    assert refused(validate_jail.jail_launch_request, {"vm_id": "0a1b2c3d", "console_log": "x", "argv": []},
+                   roots) == 'priv.jail_launch does not take param "argv" (allowed: console_log, vm_id)'
+    assert validate_jail.jail_cleanup_request({"vm_id": "0a1b2c3d"}) == "0a1b2c3d"
+    assert refused(validate_jail.jail_cleanup_request, {"vm_id": "../x"}) == (
+        'vm_id "../x" is not allowed (must be 8 to 32 lowercase hex digits)')

@@ -7,12 +7,18 @@ production uses `HelperClient`, which forwards the daemon's current op_id with e
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from banger import log as blog
+from banger.errors import BangerError
 from banger.rpc import client as rpc_client
+
+if TYPE_CHECKING:
+    from banger.vmm.firecracker.launcher import JailRequest
 
 log = logging.getLogger("banger.roothelper.client")
 
@@ -43,6 +49,12 @@ class PrivilegedOps(Protocol):
     async def nat_remove(self, vm_id: str) -> dict[str, Any]: ...
 
     async def nat_list(self) -> list[dict[str, Any]]: ...
+
+    async def jail_stage(self, request: JailRequest) -> dict[str, Any]: ...
+
+    async def jail_launch(self, vm_id: str, console_log: Path) -> dict[str, Any]: ...
+
+    async def jail_cleanup(self, vm_id: str) -> dict[str, Any]: ...
 
 
 class HelperUnreachable(rpc_client.Unreachable):
@@ -118,3 +130,50 @@ class HelperClient:
     async def nat_list(self) -> list[dict[str, Any]]:
         result = await self.call("priv.nat_list")
         return [entry for entry in result if isinstance(entry, dict)] if isinstance(result, list) else []
+
+    async def jail_stage(self, request: JailRequest) -> dict[str, Any]:
+        """Build the VM's chroot under the helper's jailer_chroot_base; answers what was staged."""
+        return await self._call_dict("priv.jail_stage", request.params())
+
+    async def jail_launch(self, vm_id: str, console_log: Path) -> dict[str, Any]:
+        """Run the jailer on the staged chroot: {"pid": Firecracker's pid, "api_socket": the link to it, ...}."""
+        return await self._call_dict("priv.jail_launch", {"vm_id": vm_id, "console_log": str(console_log)})
+
+    async def jail_cleanup(self, vm_id: str) -> dict[str, Any]:
+        """Remove the VM's chroot and its links (idempotent): {"removed": [jail directories]}."""
+        return await self._call_dict("priv.jail_cleanup", {"vm_id": vm_id})
+
+
+class HelperJailLauncher:
+    """`vmm.firecracker.launcher.JailLauncher` over `PrivilegedOps`, for the daemon.
+
+    `Vmm` methods run in worker threads while the helper client lives on the daemon's event loop, so each
+    call is handed to `loop` and waited for; the op_id travels along (the context is copied into the task).
+    """
+
+    def __init__(self, helper: PrivilegedOps, loop: asyncio.AbstractEventLoop) -> None:
+        self.helper = helper
+        self.loop = loop
+
+    def _wait(self, call: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # waiting here for the loop to run the call would hang it for good
+            call.close()
+            raise BangerError("a jail launcher call was made on the daemon's event loop; run the Vmm method in "
+                              "a worker thread (asyncio.to_thread)")
+        return asyncio.run_coroutine_threadsafe(call, self.loop).result()
+
+    def stage(self, request: JailRequest) -> None:
+        self._wait(self.helper.jail_stage(request))
+
+    def launch(self, vm_id: str, console_log: Path) -> int:
+        pid = self._wait(self.helper.jail_launch(vm_id, console_log)).get("pid")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid < 2:
+            raise BangerError(f"priv.jail_launch answered no usable pid ({pid!r}) for VM {vm_id}")
+        return pid
+
+    def cleanup(self, vm_id: str) -> None:
+        self._wait(self.helper.jail_cleanup(vm_id))

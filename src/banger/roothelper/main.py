@@ -3,6 +3,7 @@
 System mode (`--system`, under `bangerd-root.service`): the owner comes from /etc/banger/install.toml,
 logs go to stderr (journald). Embedded mode (root runs banger without a system install, and tests):
 the invoking user's layout, owner uid from `--owner-uid`, logs to the layout's helper log.
+Either way the jail settings (jailer_bin, jailer_chroot_base) come from the layout's config.toml.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banger import __version__, paths
+from banger import __version__, config, paths
 from banger import log as blog
 from banger.errors import BangerError, ConfigError
 from banger.roothelper import ops
@@ -43,6 +44,9 @@ class Settings:
     log_file: Path | None
     # The socket directory belongs to the helper alone, so its mode may be enforced.
     dedicated_socket_dir: bool
+    owner_gid: int | None = None
+    jailer_bin: str = "/usr/bin/jailer"
+    chroot_base: str = ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +74,7 @@ def _override_dir(flag: str, value: Path | None, default: Path) -> Path:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
+    owner_gid: int | None
     if args.system:
         from banger.system import installmeta
 
@@ -80,12 +85,13 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             raise ConfigError(f"no system install ({paths.system_install_meta()} is missing)",
                               hint="run `sudo banger system install --owner <user>`")
         layout = paths.resolve_system(meta.owner_home)
-        owner_uid = meta.owner_uid
+        owner_uid, owner_gid = meta.owner_uid, meta.owner_gid
     else:
         layout = paths.resolve_user()
         owner_uid = os.getuid() if args.owner_uid is None else args.owner_uid
         if owner_uid < 0:
             raise ConfigError(f"--owner-uid {owner_uid} must be a non-negative uid")
+        owner_gid = _primary_gid(owner_uid)
     layout = dataclasses.replace(
         layout,
         state_dir=_override_dir("--state-dir", args.state_dir, layout.state_dir),
@@ -97,6 +103,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         log_file: Path | None = args.log_file
     else:
         log_file = None if args.system else layout.helper_log
+    cfg = config.load(layout)
     return Settings(
         mode=layout.mode,
         owner_uid=owner_uid,
@@ -105,7 +112,20 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         roots=layout.managed_roots(),
         log_file=log_file,
         dedicated_socket_dir=args.socket is None and layout.mode == "system",
+        owner_gid=owner_gid,
+        jailer_bin=str(cfg.jailer_bin),
+        # The jailer resolves symlinks in the base; the helper checks and names the resolved path.
+        chroot_base=os.path.realpath(cfg.jailer_chroot_base),
     )
+
+
+def _primary_gid(uid: int) -> int | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return None
 
 
 def authorizer(owner_uid: int) -> Authorizer:
@@ -175,7 +195,8 @@ async def serve(settings: Settings) -> None:
         raise BangerError(f"another bangerd-root is already serving {settings.socket_path}",
                           hint="stop it first, or pass another --socket")
     prepare_socket_dir(settings.socket_path.parent, dedicated=settings.dedicated_socket_dir)
-    cfg = ops.HelperConfig(owner_uid=settings.owner_uid, roots=settings.roots)
+    cfg = ops.HelperConfig(owner_uid=settings.owner_uid, roots=settings.roots, owner_gid=settings.owner_gid,
+                           chroot_base=settings.chroot_base, jailer_bin=settings.jailer_bin)
     handlers: dict[str, Handler] = {name: functools.partial(fn, cfg) for name, fn in ops.METHODS.items()}
     fault = os.environ.get("BANGER_TEST_FAULT", "")
     if fault in handlers:
@@ -194,7 +215,8 @@ async def serve(settings: Settings) -> None:
         pid_inode = settings.pidfile.lstat().st_ino
         log.info("bangerd-root started", extra={
             "version": __version__, "pid": os.getpid(), "mode": settings.mode, "owner_uid": settings.owner_uid,
-            "socket": str(settings.socket_path), "managed_roots": [str(r) for r in settings.roots]})
+            "socket": str(settings.socket_path), "managed_roots": [str(r) for r in settings.roots],
+            "jailer_bin": settings.jailer_bin, "jailer_chroot_base": settings.chroot_base})
         await stop.wait()
         log.info("bangerd-root stopping")
     finally:

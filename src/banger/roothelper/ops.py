@@ -1,8 +1,9 @@
 """The root helper's methods: a fixed allowlist, each parsing its params in `validate` first.
 
 `METHODS` maps every accepted method name to its handler; the RPC server answers `unknown_method`
-for anything else. New privileged operations (priv.nat_*, priv.jail_*, ...) are added by writing a
-request parser in `validate` and a handler here, and registering it in `METHODS`.
+for anything else. New privileged operations are added by writing a request parser in `validate`
+(`validate_jail` for the jail methods) and a handler here, and registering it in `METHODS`. The jail
+methods' work lives in `jail`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from banger import __version__
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
 from banger.network import nat
-from banger.roothelper import validate
+from banger.roothelper import jail, validate, validate_jail
 from banger.rpc.server import CallContext
 
 log = logging.getLogger("banger.roothelper.ops")
@@ -32,10 +33,17 @@ TUN_TYPE_TAP = 2  # IFLA_TUN_TYPE of a tap (1 is tun)
 
 @dataclass(frozen=True)
 class HelperConfig:
-    """What every handler may rely on: whose helper this is and which directories are banger's."""
+    """What every handler may rely on: whose helper this is, which directories are banger's, and the jail
+    settings of config.toml (read by the helper itself: the daemon's word is not taken for them)."""
 
     owner_uid: int
     roots: tuple[Path, ...]
+    owner_gid: int | None = None
+    chroot_base: str = ""  # jailer_chroot_base, canonical
+    jailer_bin: str = "/usr/bin/jailer"
+
+    def jail_settings(self) -> jail.JailSettings:
+        return jail.JailSettings(self.chroot_base, self.jailer_bin, self.owner_uid, self.owner_gid, self.roots)
 
 
 MethodHandler = Callable[[HelperConfig, CallContext, dict[str, Any]], Awaitable[Any]]
@@ -386,6 +394,27 @@ async def _nat_list(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any])
     return await nat_list()
 
 
+async def _jail_stage(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    policy = validate_jail.JailPolicy(cfg.chroot_base, cfg.owner_uid, cfg.owner_gid, cfg.roots)
+    req = validate_jail.jail_stage_request(params, policy)
+    async with jail.lock:
+        return await asyncio.to_thread(jail.stage, cfg.jail_settings(), req)
+
+
+async def _jail_launch(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    vm_id, console_log = validate_jail.jail_launch_request(params, cfg.roots)
+    async with jail.lock:
+        result, child = await asyncio.to_thread(jail.launch, cfg.jail_settings(), vm_id, console_log)
+    jail.reap_when_done(child)
+    return result
+
+
+async def _jail_cleanup(cfg: HelperConfig, ctx: CallContext, params: dict[str, Any]) -> Any:
+    vm_id = validate_jail.jail_cleanup_request(params)
+    async with jail.lock:
+        return await asyncio.to_thread(jail.cleanup, cfg.jail_settings(), vm_id)
+
+
 METHODS: Mapping[str, MethodHandler] = {
     "priv.ping": _ping,
     "priv.ensure_bridge": _ensure_bridge,
@@ -398,4 +427,7 @@ METHODS: Mapping[str, MethodHandler] = {
     "priv.nat_add": _nat_add,
     "priv.nat_remove": _nat_remove,
     "priv.nat_list": _nat_list,
+    "priv.jail_stage": _jail_stage,
+    "priv.jail_launch": _jail_launch,
+    "priv.jail_cleanup": _jail_cleanup,
 }

@@ -5,7 +5,8 @@ to eth0, signal sshd or touch a path outside banger's directories. Every `priv.*
 params through one of the request functions at the bottom of this module before doing anything.
 
 All functions are pure (no system access beyond `os.path.realpath`) and raise `BadRequest` with one
-line that quotes the bad value and says what is allowed.
+line that quotes the bad value and says what is allowed. The jail methods' requests, which are larger,
+are parsed in `validate_jail` with the same primitives.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def quote(value: object) -> str:
     return json.dumps(value, default=str)
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
     return quote(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
 
 
@@ -90,7 +91,7 @@ def check_params(
 
 def _ifname(what: str, value: object, prefix: str, rule: str, *, bare_ok: bool) -> str:
     if not isinstance(value, str):
-        raise BadRequest(f"{what} must be a string, got {_type_name(value)}")
+        raise BadRequest(f"{what} must be a string, got {type_name(value)}")
     if not (value.startswith(prefix) or (bare_ok and value == prefix.rstrip("-"))):
         raise BadRequest(f"{what} {quote(value)} is not allowed ({rule})")
     if len(value) > IFNAME_MAX:
@@ -126,7 +127,7 @@ def uplink_name(value: object, what: str = "uplink") -> str:
     exactly what is being NAT'ed. Characters are limited to what nft can quote without escaping.
     """
     if not isinstance(value, str):
-        raise BadRequest(f"{what} must be a string, got {_type_name(value)}")
+        raise BadRequest(f"{what} must be a string, got {type_name(value)}")
     if value in ("", ".", ".."):
         raise BadRequest(f"{what} {quote(value)} is not a valid interface name")
     if len(value) > IFNAME_MAX:
@@ -149,7 +150,7 @@ def uplink_name(value: object, what: str = "uplink") -> str:
 def vm_id(value: object) -> str:
     """A banger VM id: lowercase hex, 8 to 32 digits (it goes into the rules' comments verbatim)."""
     if not isinstance(value, str):
-        raise BadRequest(f"vm_id must be a string, got {_type_name(value)}")
+        raise BadRequest(f"vm_id must be a string, got {type_name(value)}")
     if not (VM_ID_MIN <= len(value) <= VM_ID_MAX and _VM_ID.fullmatch(value)):
         raise BadRequest(
             f"vm_id {quote(value)} is not allowed (must be {VM_ID_MIN} to {VM_ID_MAX} lowercase hex digits)"
@@ -163,7 +164,7 @@ def vm_id(value: object) -> str:
 def ipv4_address(value: object, what: str = "bridge ip") -> str:
     """A unicast IPv4 address usable on an interface, in canonical dotted form."""
     if not isinstance(value, str):
-        raise BadRequest(f"{what} must be a string, got {_type_name(value)}")
+        raise BadRequest(f"{what} must be a string, got {type_name(value)}")
     try:
         addr = ipaddress.IPv4Address(value)
     except ValueError:
@@ -235,7 +236,7 @@ def guest_on_bridge(ip: str, bridge: str, addresses: Sequence[ipaddress.IPv4Inte
 
 def pid(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"pid must be an integer, got {_type_name(value)}")
+        raise BadRequest(f"pid must be an integer, got {type_name(value)}")
     if not 2 <= value <= PID_MAX:
         raise BadRequest(f"pid {value} is not allowed (must be 2..{PID_MAX})")
     return value
@@ -257,7 +258,7 @@ def uid_for_tap(value: object, owner_uid: int) -> int:
     if value is None:
         return owner_uid
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"owner_uid must be an integer, got {_type_name(value)}")
+        raise BadRequest(f"owner_uid must be an integer, got {type_name(value)}")
     if value != owner_uid:
         raise BadRequest(f"owner_uid {value} is not allowed (taps belong to the owner uid {owner_uid})")
     return value
@@ -320,7 +321,7 @@ def managed_path(path: object, roots: Iterable[Path | str]) -> Path:
     if isinstance(path, Path):
         path = str(path)
     if not isinstance(path, str):
-        raise BadRequest(f"path must be a string, got {_type_name(path)}")
+        raise BadRequest(f"path must be a string, got {type_name(path)}")
     if "\0" in path:
         raise BadRequest(f"path {quote(path)} contains a NUL byte")
     if not os.path.isabs(path):
@@ -432,3 +433,4 @@ def nat_remove_request(params: Mapping[str, Any]) -> str:
 
 def nat_list_request(params: Mapping[str, Any]) -> None:
     check_params("priv.nat_list", params)
+

@@ -89,6 +89,8 @@ class LaunchPlan:
     files: tuple[Path, ...]  # host files the VMM opens (kernel, initrd, disks, logs): the root helper checks them
     env: tuple[tuple[str, str], ...] = ()
     sidecars: tuple[Sidecar, ...] = ()
+    # Backend-private data `launch()` needs beyond argv (Firecracker: what the root helper stages in a jail).
+    staging: object | None = None
 
 
 class ChildHandle(Protocol):
@@ -145,6 +147,12 @@ class Vmm(Protocol):
         ...
 
     def alive(self, pid: int) -> bool: ...
+
+    def adopt(self, vm_id: str, run_dir: Path) -> VmProcess | None:
+        """The VMM still running for `vm_id` from what `run_dir` holds (pidfile, sockets), e.g. after a daemon
+        restart; None when none runs. The pid is checked against /proc (its command line must name this VM's
+        run directory), so a stale pidfile naming a recycled pid yields None, never someone else's process."""
+        ...
 
 
 class Pausable(Protocol):

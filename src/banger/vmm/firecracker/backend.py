@@ -1,4 +1,4 @@
-"""`FirecrackerVmm`: the `Vmm` Protocol for Firecracker, launched directly (the jailer is planned only).
+"""`FirecrackerVmm`: the `Vmm` Protocol for Firecracker, started directly or through the jailer.
 
 Firecracker starts empty and is configured over its API socket, so the work is split the way the Protocol
 expects: `launch()` spawns `firecracker --api-sock <run_dir>/fc.sock --id <short id>` in its own session
@@ -6,14 +6,18 @@ expects: `launch()` spawns `firecracker --api-sock <run_dir>/fc.sock --id <short
 `configure()` sends the configuration (`config.apply`, which ends with InstanceStart). Any failure on the
 way kills the process and removes what it created, so nothing is left behind.
 
+With a `JailSetup` (config `jailer_enabled`), the jailer must start as root, so the root helper stages the
+chroot and runs it (`launcher.JailLauncher`); `<run_dir>/fc.sock` is then a link to the socket inside the
+chroot, Firecracker is configured with in-jail paths, and kill/stop also remove the chroot.
+
 Firecracker writes the guest's serial console (ttyS0) to its stdout, so stdout *and* stderr go to the VM's
 console log, opened for append (a restarted VM keeps its earlier boots). Firecracker's own log and metrics
 go to files in the run directory once PUT /logger and PUT /metrics are applied; until then its few start-up
 lines land in the console log too, which is where an early failure is worth seeing anyway.
 
 Processes are identified by pid *and* by their command line (`/proc/<pid>/cmdline`: argv[0] named like the
-firecracker binary and this VM's API socket among the arguments) before any signal is sent, so a recycled
-pid is never killed. Children we started are reaped through their Popen objects; a VM adopted after a
+firecracker binary and this VM's API socket among the arguments; jailed, the VM's `--id` and a root
+directory that is the VM's chroot) before any signal is sent, so a recycled pid is never killed. Children we started are reaped through their Popen objects; a VM adopted after a
 daemon restart is watched through /proc instead.
 """
 
@@ -22,9 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -41,14 +44,20 @@ from banger.vmm.base import (
 )
 from banger.vmm.firecracker.api import FirecrackerApi, wait_for_socket
 from banger.vmm.firecracker.config import Drive, FirecrackerVmConfig, NetIface, Vsock, apply
-from banger.vmm.firecracker.jailer import API_SOCK_IN_JAIL, JailPlan, jailer_argv, validate_jail_id
+from banger.vmm.firecracker.jailer import (
+    API_SOCK_IN_JAIL,
+    JailPlan,
+    jailed_config,
+    jailer_argv,
+    validate_jail_id,
+)
+from banger.vmm.firecracker.launcher import API_SOCKET_NAME, JailLauncher, JailRequest, JailSetup
 
 log = logging.getLogger("banger.vmm.firecracker")
 
 FC_BASENAME: Final = "firecracker"
 SHORT_ID_LEN: Final = 8  # model.SHORT_ID_LEN: the id banger shows, and the name of the VM's run directory
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes including the NUL
-API_SOCKET_NAME: Final = "fc.sock"
 # Firecracker's getting-started arguments. Firecracker adds the virtio-mmio device descriptions itself.
 # reboot=k: a guest reboot goes through the i8042 keyboard controller, which makes Firecracker exit;
 # panic=1: a panicking guest reboots (so exits) after 1 s instead of hanging; pci=off: there is no PCI bus.
@@ -164,35 +173,18 @@ def _check_socket_path(what: str, path: Path) -> None:
         )
 
 
-# --- /proc helpers -------------------------------------------------------------------------------------
-
-
-def _api_sock_arg(argv: list[str]) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg == "--api-sock" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--api-sock="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _write_pid(pidfile: Path, pid: int) -> None:
-    tmp = pidfile.with_name(pidfile.name + ".tmp")
-    tmp.write_text(f"{pid}\n", encoding="ascii")
-    os.replace(tmp, pidfile)
-
-
 # --- the backend ---------------------------------------------------------------------------------------
 
 
 class FirecrackerVmm:
-    """Firecracker, started directly by the daemon. `firecracker_bin` defaults to `firecracker` on PATH.
+    """Firecracker. `firecracker_bin` (config `firecracker_bin`) defaults to `firecracker` on PATH.
 
-    `plan(spec, jail=...)` also describes a jailed start (jailer argv, in-jail socket), but executing it
-    needs the root helper (staging the chroot, running the jailer as root), so `launch()` refuses it.
+    Without `jail` Firecracker runs directly as the daemon's user (config `jailer_enabled = false`, or no
+    root helper); with it, every VM runs jailed through `jail.launcher`.
     """
 
-    def __init__(self, *, firecracker_bin: str | None = None, jailer_bin: str = "jailer") -> None:
+    def __init__(self, *, firecracker_bin: str | None = None, jailer_bin: str = "jailer",
+                 jail: JailSetup | None = None) -> None:
         if firecracker_bin is None:
             firecracker_bin = find_binary(FC_BASENAME)
             if firecracker_bin is None:
@@ -202,8 +194,12 @@ class FirecrackerVmm:
                 )
         self.firecracker_bin = firecracker_bin
         self.jailer_bin = jailer_bin
-        # A release binary is often kept under its release name (firecracker-v1.14.2-x86_64).
-        self._names = frozenset({FC_BASENAME, os.path.basename(firecracker_bin)})
+        self.jail = jail
+        # A release binary is often kept under its release name (firecracker-v1.14.2-x86_64), and the jailer
+        # names its copy after the resolved file.
+        self._names = frozenset({FC_BASENAME, os.path.basename(firecracker_bin),
+                                 os.path.basename(os.path.realpath(firecracker_bin))})
+        self._jailer_names = frozenset({"jailer", os.path.basename(jailer_bin)})
 
     @property
     def backend(self) -> Backend:
@@ -215,79 +211,85 @@ class FirecrackerVmm:
         # is not wired into the Protocol yet.
         return frozenset({"pause"})
 
+    def jail_plan(self, vm_id: str) -> JailPlan | None:
+        """The VM's jail when this backend jails; the jailer wants canonical paths, hence realpath."""
+        if self.jail is None:
+            return None
+        return JailPlan(chroot_base=os.path.realpath(self.jail.chroot_base), id=fc_id(vm_id),
+                        exec_file=os.path.realpath(self.firecracker_bin), uid=self.jail.uid, gid=self.jail.gid)
+
     # --- plan ---------------------------------------------------------------------------------------
 
     def plan(self, spec: VmSpec, jail: JailPlan | None = None) -> LaunchPlan:
-        """Pure apart from reading the kernel's first bytes (`check_kernel`). Raises BadRequest."""
+        """Pure apart from reading the kernel's first bytes (`check_kernel`). Raises BadRequest.
+
+        `jail` defaults to this backend's (`jail_plan`); a jailed plan's argv is the jailer's, for the record:
+        the root helper builds and runs its own from what it staged."""
         paths = runtime_paths(spec.run_dir)
         ident = fc_id(spec.vm_id)
         cfg = vm_config(spec)
-        sockets: list[Path] = []
+        jail = jail or self.jail_plan(spec.vm_id)
+        _check_socket_path("API", paths.api_socket)
+        sockets = [paths.api_socket]
+        if cfg.vsock is not None:
+            sockets.append(Path(cfg.vsock.uds_path))
+        staging: JailRequest | None = None
         if jail is None:
-            _check_socket_path("API", paths.api_socket)
-            control = paths.api_socket
-            argv = [self.firecracker_bin, "--api-sock", str(control), "--id", ident]
+            argv = [self.firecracker_bin, "--api-sock", str(paths.api_socket), "--id", ident]
         else:
             if jail.id != ident:
                 raise BadRequest(f"jail id {jail.id!r} does not match VM {spec.vm_id}'s id {ident!r}")
-            control = Path(jail.api_socket_path)
-            _check_socket_path("API", control)
+            staging = JailRequest(spec.vm_id, str(spec.run_dir), jail, cfg)
+            staging.links()  # refuses files the run directory cannot link to
             argv = jailer_argv(jail, (), jailer=self.jailer_bin)
-        sockets.append(control)
-        if cfg.vsock is not None:
-            sockets.append(Path(cfg.vsock.uds_path) if jail is None
-                           else Path(jail.host_path(jail.jailed_path(cfg.vsock.uds_path))))
         files = [spec.kernel, *([spec.initrd] if spec.initrd is not None else []), *(d.path for d in spec.drives),
                  spec.console_log, paths.log, paths.metrics]
         return LaunchPlan(
             vm_id=spec.vm_id,
             argv=tuple(argv),
             run_dir=spec.run_dir,
-            control_socket=control,
+            control_socket=paths.api_socket,
             pidfile=paths.pidfile,
             stderr_log=spec.console_log,  # stdout is the guest console; stderr goes with it
             sockets_expected=tuple(sockets),
             files=tuple(files),
+            staging=staging,
         )
 
     # --- launch / configure -------------------------------------------------------------------------
 
     def launch(self, plan: LaunchPlan, *, timeout: float = 30.0) -> VmProcess:
-        if "--exec-file" in plan.argv:
-            raise BangerError(
-                f"VM {plan.vm_id}: a jailed Firecracker is started by the root helper, which is not wired yet",
-                hint="set jailer_enabled = false in config.toml to launch Firecracker directly",
-            )
+        request = plan.staging if isinstance(plan.staging, JailRequest) else None
+        if request is not None and self.jail is None:
+            raise BangerError(f"VM {plan.vm_id}: a jailed Firecracker is started by the root helper, and this "
+                              "backend has no jail launcher",
+                              hint="set jailer_enabled = false in config.toml to launch Firecracker directly")
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         running = procs.read_pid(plan.pidfile)
-        if running is not None and self._runs(running, plan.control_socket):
+        if running is not None and self._identify(plan.vm_id, plan.control_socket)(running):
             raise AlreadyExists(f"Firecracker is already running for VM {plan.vm_id} (pid {running})",
                                 hint="stop the VM first")
         procs.remove(*plan.sockets_expected, plan.pidfile)
-
         deadline = time.monotonic() + timeout
+        proc = VmProcess(vm_id=plan.vm_id, pid=0, run_dir=plan.run_dir, control_socket=plan.control_socket,
+                         pidfile=plan.pidfile, stderr_log=plan.stderr_log, sockets=plan.sockets_expected,
+                         started_at=time.time())
+        if request is not None and self.jail is not None:
+            proc = replace(proc, pid=_launch_jailed(self.jail.launcher, request, plan))
+        else:
+            try:
+                with plan.stderr_log.open("ab") as out:
+                    child = spawn(plan.argv, new_session=True, stdout=out.fileno(), stderr=out.fileno(),
+                                  env=dict(plan.env))
+            except BaseException:
+                procs.remove(*plan.sockets_expected, plan.pidfile)
+                raise
+            proc = replace(proc, pid=child.pid, children=(child,))
         try:
-            with plan.stderr_log.open("ab") as out:
-                child = spawn(plan.argv, new_session=True, stdout=out.fileno(), stderr=out.fileno(),
-                              env=dict(plan.env))
-        except BaseException:
-            procs.remove(*plan.sockets_expected, plan.pidfile)
-            raise
-        proc = VmProcess(
-            vm_id=plan.vm_id,
-            pid=child.pid,
-            run_dir=plan.run_dir,
-            control_socket=plan.control_socket,
-            pidfile=plan.pidfile,
-            stderr_log=plan.stderr_log,
-            sockets=plan.sockets_expected,
-            started_at=time.time(),
-            children=(child,),
-        )
-        try:
-            _write_pid(plan.pidfile, child.pid)
+            procs.write_pid(plan.pidfile, proc.pid)
+            # Not `identify`: until the jailer has exec'd Firecracker its command line is the jailer's.
             wait_for_socket(plan.control_socket, max(deadline - time.monotonic(), 0.1),
-                            alive=lambda: child.poll() is None)
+                            alive=lambda: procs.poll(proc, proc.pid, procs.exists) is None)
         except BangerError as exc:
             self.kill(proc)
             raise BangerError(f"Firecracker for VM {plan.vm_id} did not start: {exc.message} "
@@ -296,7 +298,7 @@ class FirecrackerVmm:
         except BaseException:
             self.kill(proc)
             raise
-        log.info("started Firecracker for VM %s: pid %d", plan.vm_id, child.pid)
+        log.info("started Firecracker for VM %s: pid %d%s", plan.vm_id, proc.pid, " (jailed)" if request else "")
         return proc
 
     def configure(self, proc: VmProcess, spec: VmSpec) -> None:
@@ -304,6 +306,9 @@ class FirecrackerVmm:
         line, with Firecracker's fault_message for an API error) is raised as is."""
         try:
             cfg = vm_config(spec)
+            jail = self.jail_plan(spec.vm_id)
+            if jail is not None:
+                cfg = jailed_config(jail, cfg)
             with FirecrackerApi(proc.control_socket) as api:
                 apply(api, cfg)
         except BaseException:
@@ -313,30 +318,13 @@ class FirecrackerVmm:
         log.info("VM %s: InstanceStart accepted", proc.vm_id)
 
     def wait_running(self, proc: VmProcess, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "API socket not there yet"
         with FirecrackerApi(proc.control_socket, timeout=1.0) as api:
-            while True:
-                ended = self._poll(proc)
-                if ended is not None:
-                    raise BangerError(
-                        f"Firecracker for VM {proc.vm_id} {ended} before the VM was running: "
-                        f"{procs.tail(proc.stderr_log) or 'no output'}",
-                        hint=f"see {proc.stderr_log} and {runtime_paths(proc.run_dir).log}",
-                    )
-                if proc.control_socket.exists():
-                    try:
-                        state = api.get_instance_info().get("state")
-                    except BangerError as exc:
-                        last = exc.message
-                    else:
-                        if state == "Running":
-                            return
-                        last = f"state is {state!r}"
-                if time.monotonic() >= deadline:
-                    raise BangerError(f"VM {proc.vm_id} was not running within {timeout:g}s ({last})",
-                                      hint=f"see {proc.stderr_log}")
-                time.sleep(procs.POLL)
+            def probe(limit: float) -> str | None:
+                state = api.get_instance_info().get("state")
+                return None if state == "Running" else f"state is {state!r}"
+
+            procs.wait_running(proc, "Firecracker", self._identify(proc.vm_id, proc.control_socket), probe,
+                               timeout, hint=f"see {proc.stderr_log} and {runtime_paths(proc.run_dir).log}")
 
     # --- pause / resume -----------------------------------------------------------------------------
 
@@ -348,11 +336,12 @@ class FirecrackerVmm:
         with FirecrackerApi(proc.control_socket) as api:
             api.resume()
 
-    # --- stop / kill / alive ------------------------------------------------------------------------
+    # --- stop / kill / alive / adopt ----------------------------------------------------------------
 
     def stop(self, proc: VmProcess, timeout: float) -> StopOutcome:
-        if self._poll(proc) is not None:
-            procs.remove(*proc.sockets, proc.pidfile)
+        identify = self._identify(proc.vm_id, proc.control_socket)
+        if procs.poll(proc, proc.pid, identify) is not None:
+            self._finish(proc)
             return "gone"
         try:
             with FirecrackerApi(proc.control_socket, timeout=min(max(timeout, 0.1), 5.0)) as api:
@@ -361,28 +350,19 @@ class FirecrackerVmm:
             log.warning("VM %s: Ctrl+Alt+Del failed (%s); killing Firecracker", proc.vm_id, exc.message)
             self.kill(proc)
             return "killed"
-        ended = self._wait_gone(proc, timeout)
+        ended = procs.wait_gone(proc, proc.pid, identify, timeout)
         if ended is not None:
             log.info("VM %s shut down (Firecracker %s)", proc.vm_id, ended)
-            procs.remove(*proc.sockets, proc.pidfile)
+            self._finish(proc)
             return "powerdown"
         log.info("VM %s ignored Ctrl+Alt+Del for %gs; killing Firecracker", proc.vm_id, timeout)
         self.kill(proc)
         return "killed"
 
     def kill(self, proc: VmProcess) -> None:
-        child = next((c for c in proc.children if c.pid == proc.pid), None)
-        if child is not None:
-            procs.kill_child(child)
-        else:
-            if self._runs(proc.pid, proc.control_socket):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-            if self._wait_gone(proc, procs.KILL_WAIT) is None:
-                raise BangerError(
-                    f"Firecracker for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {procs.KILL_WAIT:g}s"
-                )
-        procs.remove(*proc.sockets, proc.pidfile)
+        if proc.pid:
+            procs.kill(proc, proc.pid, self._identify(proc.vm_id, proc.control_socket), "Firecracker")
+        self._finish(proc)
 
     def alive(self, pid: int) -> bool:
         """`pid` is a live Firecracker started by banger: named like the binary, with an API socket named
@@ -390,32 +370,78 @@ class FirecrackerVmm:
         argv = procs.cmdline(pid)
         if not argv or os.path.basename(argv[0]) not in self._names:
             return False
-        sock = _api_sock_arg(argv)
+        sock = procs.option(argv, "--api-sock")
         return sock is not None and (os.path.basename(sock) == API_SOCKET_NAME or sock == API_SOCK_IN_JAIL)
+
+    def adopt(self, vm_id: str, run_dir: Path) -> VmProcess | None:
+        paths = runtime_paths(run_dir)
+        pid = procs.read_pid(paths.pidfile)
+        if pid is None or not self._identify(vm_id, paths.api_socket)(pid):
+            return None
+        return VmProcess(vm_id=vm_id, pid=pid, run_dir=run_dir, control_socket=paths.api_socket,
+                         pidfile=paths.pidfile, stderr_log=_stdout_of(pid) or paths.log,
+                         sockets=procs.sockets_in(run_dir), started_at=procs.start_time(pid))
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _runs(self, pid: int, api_socket: Path) -> bool:
-        """`pid` is a live Firecracker serving exactly `api_socket` (as its argv names it)."""
-        argv = procs.cmdline(pid)
-        return bool(argv) and os.path.basename(argv[0]) in self._names and _api_sock_arg(argv) == str(api_socket)
+    def _finish(self, proc: VmProcess) -> None:
+        """After Firecracker is gone: its sockets (or links) and pidfile, and its jail if it had one."""
+        procs.remove(*proc.sockets, proc.pidfile)
+        if self.jail is not None:
+            self.jail.launcher.cleanup(proc.vm_id)
 
-    def _poll(self, proc: VmProcess) -> str | None:
-        """None while Firecracker runs; once it is gone (and reaped, if it is our child), how it ended."""
-        child = next((c for c in proc.children if c.pid == proc.pid), None)
-        if child is not None:
-            returncode = child.poll()
-            return None if returncode is None else procs.describe(returncode)
-        with contextlib.suppress(ChildProcessError):
-            reaped, status = os.waitpid(proc.pid, os.WNOHANG)
-            if reaped == proc.pid:
-                return procs.describe(os.waitstatus_to_exitcode(status))
-        return None if self._runs(proc.pid, proc.control_socket) else procs.describe(None)
+    def _identify(self, vm_id: str, api_socket: Path) -> procs.Identify:
+        """This VM's Firecracker: direct, argv names `api_socket`; jailed, argv has the VM's `--id` and the
+        in-jail socket, and the process's root is the chroot that `api_socket` links into. Also the jailer
+        itself for the moment before it execs Firecracker (same pid, same `--id`)."""
+        ident = fc_id(vm_id)
 
-    def _wait_gone(self, proc: VmProcess, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            ended = self._poll(proc)
-            if ended is not None or time.monotonic() >= deadline:
-                return ended
-            time.sleep(procs.POLL)
+        def identify(pid: int) -> bool:
+            argv = procs.cmdline(pid)
+            name = os.path.basename(argv[0]) if argv else ""
+            if name in self._jailer_names:
+                return procs.option(argv, "--id") == ident
+            if name not in self._names:
+                return False
+            sock = procs.option(argv, "--api-sock")
+            if sock == str(api_socket):
+                return True
+            return sock == API_SOCK_IN_JAIL and procs.option(argv, "--id") == ident and _rooted_at(pid, api_socket)
+
+        return identify
+
+
+def _launch_jailed(launcher: JailLauncher, request: JailRequest, plan: LaunchPlan) -> int:
+    """Stage and launch through the root helper; a failed launch removes the staged jail again."""
+    launcher.stage(request)
+    try:
+        return launcher.launch(plan.vm_id, plan.stderr_log)
+    except BaseException:
+        try:
+            launcher.cleanup(plan.vm_id)
+        except BangerError as exc:
+            log.warning("VM %s: removing the jail after a failed launch failed too: %s", plan.vm_id, exc)
+        raise
+
+
+def _rooted_at(pid: int, api_link: Path) -> bool:
+    """The process's root directory is the chroot `api_link` points into (once the link is gone, the id
+    check alone has to do)."""
+    try:
+        target = os.readlink(api_link)
+    except OSError:
+        return True
+    try:
+        root, chroot = os.stat(f"/proc/{pid}/root"), os.stat(os.path.dirname(target))
+    except OSError:
+        return False
+    return (root.st_dev, root.st_ino) == (chroot.st_dev, chroot.st_ino)
+
+
+def _stdout_of(pid: int) -> Path | None:
+    """Where a running process's stdout goes (Firecracker's: the VM's console log)."""
+    with contextlib.suppress(OSError):
+        target = os.readlink(f"/proc/{pid}/fd/1")
+        if target.startswith("/") and os.path.isfile(target):
+            return Path(target)
+    return None

@@ -234,13 +234,18 @@ def files_to_stage(plan: JailPlan, cfg: FirecrackerVmConfig, *, stat: StatFn = o
     Kernel and initrd are hard-linked when they share the jail's filesystem, else copied. Drives that are
     block devices (device-mapper snapshots, loop devices) become device nodes; drives that are regular
     files are hard-linked, and a *writable* one on another filesystem is refused, since a copy would
-    silently throw the guest's writes away. Log and metrics files are created empty, owned by the jail
-    user. The vsock socket is created by Firecracker. The firecracker binary and /dev/kvm, /dev/net/tun,
-    /dev/urandom are the jailer's own work; staging them too would make it fail (mknod on an existing
-    node) or, for a hard-linked binary, truncate the host's copy when the jailer copies over it.
+    silently throw the guest's writes away. Whatever is linked or copied must already be readable (and,
+    for a writable drive, writable) by the jail user: the jail grants nothing the user could not do.
+    Log and metrics files are created empty, owned by the jail user. The vsock socket is created by
+    Firecracker. The firecracker binary is copied in: the jailer copies it again over that copy (it opens
+    the target for writing, without truncating, and refuses a hard link), so a read-only bind mount or a
+    link of the host's binary would fail. /dev/kvm, /dev/net/tun and /dev/urandom are the jailer's own
+    work; a node staged there would make its mknod fail.
     """
     jail_dev = stat(_nearest_existing(plan.chroot_dir, stat)).st_dev
     ops: list[StageOp] = [StageOp(StageKind.MKDIR, plan.chroot_dir, mode=0o700)]
+    ops.append(StageOp(StageKind.COPY, plan.jailed_exec_file, source=plan.exec_file, mode=0o500,
+                       uid=plan.uid, gid=plan.gid))
     ops.append(_stage_readonly_file(plan, cfg.kernel_path, "kernel", jail_dev, stat))
     if cfg.initrd_path is not None:
         ops.append(_stage_readonly_file(plan, cfg.initrd_path, "initrd", jail_dev, stat))
@@ -275,22 +280,33 @@ def jailed_config(plan: JailPlan, cfg: FirecrackerVmConfig) -> FirecrackerVmConf
 
 
 def validate_exec_file(path: str, *, lstat: StatFn = os.lstat) -> None:
-    """The binary the jailer copies must be a root-owned regular file that only root can change.
+    """The binary the jailer copies must be a root-owned regular file that only root can change."""
+    validate_root_executable(path, "firecracker binary", lstat=lstat)
+
+
+def validate_root_executable(path: str, what: str, *, lstat: StatFn = os.lstat) -> None:
+    """A program that root runs (the jailer) or copies for the jail user (Firecracker): a regular file owned by
+    root, not group/world-writable, and readable and executable by everyone, since its copy in the jail
+    belongs to the jail user (so a root-only file is refused rather than handed out).
 
     A symlink is refused too: the jailer names the chroot after the resolved file name.
     """
     try:
         info = lstat(path)
     except OSError as exc:
-        raise BadRequest(f"firecracker binary {path!r} cannot be read: {exc.strerror}") from exc
+        raise BadRequest(f"{what} {path!r} cannot be read: {exc.strerror}") from exc
     if not st.S_ISREG(info.st_mode):
-        raise BadRequest(f"firecracker binary {path!r} is not a regular file (symlinks are not followed)")
+        raise BadRequest(f"{what} {path!r} is not a regular file (symlinks are not followed)")
+    mode = st.S_IMODE(info.st_mode)
     if info.st_uid != 0 or info.st_mode & (st.S_IWGRP | st.S_IWOTH):
         raise BadRequest(
-            f"firecracker binary {path!r} must be owned by root and not group/world-writable "
-            f"(owner uid {info.st_uid}, mode {st.S_IMODE(info.st_mode):04o})",
+            f"{what} {path!r} must be owned by root and not group/world-writable "
+            f"(owner uid {info.st_uid}, mode {mode:04o})",
             hint=f"chown root:root {path} && chmod 0755 {path}",
         )
+    if mode & (st.S_IROTH | st.S_IXOTH) != st.S_IROTH | st.S_IXOTH:
+        raise BadRequest(f"{what} {path!r} must be readable and executable by everyone (mode {mode:04o})",
+                         hint=f"chmod 0755 {path}")
 
 
 def _stage_readonly_file(plan: JailPlan, host: str, what: str, jail_dev: int, stat: StatFn) -> StageOp:
@@ -298,8 +314,8 @@ def _stage_readonly_file(plan: JailPlan, host: str, what: str, jail_dev: int, st
     if not st.S_ISREG(info.st_mode):
         raise BadRequest(f"{what} {host!r} is not a regular file")
     target = plan.host_path(plan.jailed_path(host))
+    _check_access(info, plan, host, what, write=False)
     if info.st_dev == jail_dev:
-        _check_access(info, plan, host, what, write=False)
         return StageOp(StageKind.LINK, target, source=host)
     return StageOp(StageKind.COPY, target, source=host, mode=0o400, uid=plan.uid, gid=plan.gid)
 
@@ -323,8 +339,8 @@ def _stage_drive(plan: JailPlan, drive: Drive, jail_dev: int, stat: StatFn) -> S
         )
     if not st.S_ISREG(info.st_mode):
         raise BadRequest(f"{what} {host!r} is neither a block device nor a regular file")
+    _check_access(info, plan, host, what, write=not drive.is_read_only)
     if info.st_dev == jail_dev:
-        _check_access(info, plan, host, what, write=not drive.is_read_only)
         return StageOp(StageKind.LINK, target, source=host)
     if not drive.is_read_only:
         raise BadRequest(
@@ -336,8 +352,9 @@ def _stage_drive(plan: JailPlan, drive: Drive, jail_dev: int, stat: StatFn) -> S
 
 
 def _check_access(info: os.stat_result, plan: JailPlan, host: str, what: str, *, write: bool) -> None:
-    """A hard link keeps the host file's owner and mode, so the jail user must already have access.
-    The jailer drops supplementary groups, so only owner, group and other bits count."""
+    """A hard link keeps the host file's owner and mode, so the jail user must already have access; a copy
+    is made by root for the jail user, who must not get what they could not read. The jailer drops
+    supplementary groups, so only owner, group and other bits count."""
     if info.st_uid == plan.uid:
         bits = st.S_IRUSR | (st.S_IWUSR if write else 0)
     elif info.st_gid == plan.gid:

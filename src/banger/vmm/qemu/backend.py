@@ -6,17 +6,15 @@ concrete signal, QMP `query-status` saying "running", with a deadline. If QEMU e
 carries the tail of its stderr log, and nothing is left behind.
 
 Processes are identified by pid *and* by their command line (`/proc/<pid>/cmdline`: argv[0] basename
-`qemu-system-x86_64` and this VM's pidfile path among the arguments) before any signal is sent, so a
-recycled pid is never killed. Children we started are reaped through their Popen objects; a VM adopted
+`qemu-system-x86_64`, this VM's pidfile path among the arguments and its QMP socket in the chardev) before
+any signal is sent, so a recycled pid is never killed. `adopt()` rebuilds the process from the run
+directory alone (pidfile, sockets, the vhost-device-vsock sidecar found by its `--socket` argument). Children we started are reaped through their Popen objects; a VM adopted
 after a daemon restart is watched through /proc instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -50,46 +48,22 @@ log = logging.getLogger("banger.vmm.qemu")
 
 # --- /proc helpers ------------------------------------------------------------------------------------
 
-
-def _runs(pid: int, basename: str, marker: Path | None = None) -> bool:
-    """`pid` is a live process whose argv[0] is named `basename` (and has `marker` among its args)."""
-    argv = procs.cmdline(pid)
-    if not argv or os.path.basename(argv[0]) != basename:
-        return False
-    return marker is None or str(marker) in argv[1:]
+_QEMU = frozenset({QEMU_BASENAME})
+_VHOST = frozenset({VHOST_VSOCK_BIN})
 
 
-def _child(proc: VmProcess, pid: int) -> ChildHandle | None:
-    return next((c for c in proc.children if c.pid == pid), None)
+def _is_qemu(pidfile: Path, qmp_socket: Path) -> procs.Identify:
+    """QEMU of this VM: its argv names the VM's pidfile (`-pidfile`) and QMP socket (the chardev's path=)."""
+    qmp_arg = f"path={str(qmp_socket).replace(',', ',,')},"
+
+    def identify(pid: int) -> bool:
+        return procs.runs(pid, _QEMU, str(pidfile)) and any(qmp_arg in a for a in procs.cmdline(pid))
+
+    return identify
 
 
-def _poll(proc: VmProcess, pid: int, basename: str, marker: Path) -> str | None:
-    """None while `pid` runs; once it is gone (and reaped, if it is our child), how it ended."""
-    child = _child(proc, pid)
-    if child is not None:
-        returncode = child.poll()
-        return None if returncode is None else procs.describe(returncode)
-    with contextlib.suppress(ChildProcessError):
-        reaped, status = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return procs.describe(os.waitstatus_to_exitcode(status))
-    return None if _runs(pid, basename, marker) else procs.describe(None)
-
-
-def _wait_gone(proc: VmProcess, pid: int, basename: str, marker: Path, timeout: float) -> str | None:
-    """How `pid` ended, or None if it still runs after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ended = _poll(proc, pid, basename, marker)
-        if ended is not None or time.monotonic() >= deadline:
-            return ended
-        time.sleep(procs.POLL)
-
-
-def _sigkill(pid: int, basename: str, marker: Path) -> None:
-    if _runs(pid, basename, marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _is_sidecar(socket: Path) -> procs.Identify:
+    return lambda pid: procs.runs(pid, _VHOST, str(socket))
 
 
 # --- the backend --------------------------------------------------------------------------------------
@@ -156,7 +130,7 @@ class QemuVmm:
     def launch(self, plan: LaunchPlan, *, timeout: float = 30.0) -> VmProcess:
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         running = procs.read_pid(plan.pidfile)
-        if running is not None and _runs(running, QEMU_BASENAME, plan.pidfile):
+        if running is not None and _is_qemu(plan.pidfile, plan.control_socket)(running):
             raise AlreadyExists(f"QEMU is already running for VM {plan.vm_id} (pid {running})",
                                 hint="stop the VM first")
         procs.remove(*plan.sockets_expected, plan.pidfile)
@@ -217,30 +191,12 @@ class QemuVmm:
         """Nothing to do: QEMU's argv is its configuration."""
 
     def wait_running(self, proc: VmProcess, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "QMP socket not there yet"
-        while True:
-            ended = _poll(proc, proc.pid, QEMU_BASENAME, proc.pidfile)
-            if ended is not None:
-                raise BangerError(
-                    f"QEMU for VM {proc.vm_id} {ended} before the VM was running: "
-                    f"{procs.tail(proc.stderr_log) or 'no output'}",
-                    hint=f"full log: {proc.stderr_log}",
-                )
-            remaining = deadline - time.monotonic()
-            if proc.control_socket.exists():
-                try:
-                    status = qmp.query_status(proc.control_socket, timeout=min(max(remaining, 0.1), 1.0))
-                except BangerError as exc:
-                    last = exc.message
-                else:
-                    if status == "running":
-                        return
-                    last = f"status is {status!r}"
-            if time.monotonic() >= deadline:
-                raise BangerError(f"VM {proc.vm_id} was not running within {timeout:g}s ({last})",
-                                  hint=f"see {proc.stderr_log}")
-            time.sleep(procs.POLL)
+        def probe(limit: float) -> str | None:
+            status = qmp.query_status(proc.control_socket, timeout=limit)
+            return None if status == "running" else f"status is {status!r}"
+
+        procs.wait_running(proc, "QEMU", _is_qemu(proc.pidfile, proc.control_socket), probe, timeout,
+                           hint=f"full log: {proc.stderr_log}")
 
     # --- pause / resume -----------------------------------------------------------------------------
 
@@ -250,10 +206,11 @@ class QemuVmm:
     def resume(self, proc: VmProcess) -> None:
         qmp.cont(proc.control_socket)
 
-    # --- stop / kill --------------------------------------------------------------------------------
+    # --- stop / kill / adopt ------------------------------------------------------------------------
 
     def stop(self, proc: VmProcess, timeout: float) -> StopOutcome:
-        if _poll(proc, proc.pid, QEMU_BASENAME, proc.pidfile) is not None:
+        identify = _is_qemu(proc.pidfile, proc.control_socket)
+        if procs.poll(proc, proc.pid, identify) is not None:
             self._finish(proc)
             return "gone"
         try:
@@ -262,7 +219,7 @@ class QemuVmm:
             log.warning("VM %s: ACPI powerdown failed (%s); killing QEMU", proc.vm_id, exc.message)
             self.kill(proc)
             return "killed"
-        ended = _wait_gone(proc, proc.pid, QEMU_BASENAME, proc.pidfile, timeout)
+        ended = procs.wait_gone(proc, proc.pid, identify, timeout)
         if ended is not None:
             log.info("VM %s powered off (QEMU %s)", proc.vm_id, ended)
             self._finish(proc)
@@ -272,31 +229,35 @@ class QemuVmm:
         return "killed"
 
     def kill(self, proc: VmProcess) -> None:
-        _sigkill(proc.pid, QEMU_BASENAME, proc.pidfile)
-        if _wait_gone(proc, proc.pid, QEMU_BASENAME, proc.pidfile, procs.KILL_WAIT) is None:
-            raise BangerError(f"QEMU for VM {proc.vm_id} (pid {proc.pid}) survived SIGKILL for {procs.KILL_WAIT:g}s")
+        procs.kill(proc, proc.pid, _is_qemu(proc.pidfile, proc.control_socket), "QEMU")
         self._finish(proc)
 
     def alive(self, pid: int) -> bool:
-        return _runs(pid, QEMU_BASENAME)
+        return procs.runs(pid, _QEMU)
+
+    def adopt(self, vm_id: str, run_dir: Path) -> VmProcess | None:
+        paths = runtime_paths(run_dir)
+        pid = procs.read_pid(paths.pidfile)
+        if pid is None or not _is_qemu(paths.pidfile, paths.qmp_socket)(pid):
+            return None
+        return VmProcess(
+            vm_id=vm_id,
+            pid=pid,
+            run_dir=run_dir,
+            control_socket=paths.qmp_socket,
+            pidfile=paths.pidfile,
+            stderr_log=paths.stderr_log,
+            sockets=procs.sockets_in(run_dir),
+            sidecar_pids=tuple(procs.find(_VHOST, str(paths.vhost_vsock_socket))),
+            started_at=procs.start_time(pid),
+        )
 
     # --- teardown helpers ---------------------------------------------------------------------------
 
     def _finish(self, proc: VmProcess) -> None:
         """After QEMU is gone: stop its sidecars (they do not exit with it), remove sockets and pidfile."""
-        self._kill_sidecars(proc)
-        procs.remove(*proc.sockets, proc.pidfile)
-
-    def _kill_sidecars(self, proc: VmProcess) -> None:
         for pid in proc.sidecar_pids:
-            child = _child(proc, pid)
-            if child is not None:
-                procs.kill_child(child)
-                continue
-            # Adopted after a daemon restart: only a vhost-device-vsock serving one of our sockets.
-            marker = next((s for s in proc.sockets if _runs(pid, VHOST_VSOCK_BIN, s)), None)
-            if marker is not None:
-                _sigkill(pid, VHOST_VSOCK_BIN, marker)
-                _wait_gone(proc, pid, VHOST_VSOCK_BIN, marker, procs.KILL_WAIT)
-
-
+            # Adopted after a daemon restart: only a vhost-device-vsock serving this VM's socket is ours.
+            socket = runtime_paths(proc.run_dir).vhost_vsock_socket
+            procs.kill(proc, pid, _is_sidecar(socket), VHOST_VSOCK_BIN)
+        procs.remove(*proc.sockets, proc.pidfile)
