@@ -222,6 +222,14 @@ def _path_checks(key: str, value: object) -> str:
     return text
 
 
+def _default_chroot_base(layout: Layout) -> Path:
+    """Beside the state directory, not inside it: in a system install the owner owns the state directory,
+    and a jail base the owner could rename or relink would let the root-run jailer be pointed anywhere."""
+    if layout.mode == "system":
+        return layout.state_dir.parent / f"{layout.state_dir.name}-jail"
+    return layout.state_dir / "jail"
+
+
 def _parse_path(key: str, value: object, layout: Layout) -> Path:
     """An absolute path, or one under "~/" expanded against the owner's home (not root's)."""
     text = _path_checks(key, value)
@@ -415,8 +423,9 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting("jailer_bin", _parse_path, Path("/usr/bin/jailer"), help="firecracker jailer binary"),
     Setting("jailer_enabled", _parse_bool, True,
             help="run firecracker under the jailer; false removes the sandbox (debugging only)"),
-    Setting("jailer_chroot_base", _parse_path, default_factory=lambda layout: layout.state_dir / "jail",
-            help="jailer chroots; must be on the image store's file system (hard links)"),
+    Setting("jailer_chroot_base", _parse_path, default_factory=lambda layout: _default_chroot_base(layout),
+            help="jailer chroots; must be on the image store's file system (hard links), and in a system "
+                 "install not writable by the owner"),
     Setting("qemu_bin", _parse_path, None, help=f"qemu binary (default: {QEMU_BIN_NAME} on PATH)"),
     Setting("vhost_vsock_bin", _parse_path, None,
             help=f"vhost-user vsock backend for QEMU's vsock agent transport (default: {VHOST_VSOCK_BIN_NAME} on PATH)"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from banger import paths
 from banger.config import (
     FILE_SYNC_SETTINGS,
     SETTINGS,
@@ -97,6 +98,9 @@ def test_defaults_with_no_file(layout: Layout) -> None:
     )
     assert str(config.subnet) == "172.16.0.0/24"
     assert parse("", layout) == config
+    # A system install's owner owns its state directory, so the jail base sits beside it (root's alone).
+    system = paths.resolve_system(Path("/home/owner"))
+    assert parse("", system).jailer_chroot_base == system.state_dir.parent / "banger-jail"
     assert parse("# only a comment\n", layout) == config
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from banger.roothelper.client import PrivilegedOps
     from banger.store.db import Store
     from banger.vmm.base import Backend, Vmm
+    from banger.vmm.firecracker.launcher import JailSetup
 
 log = logging.getLogger("banger.daemon")
 
@@ -51,6 +52,7 @@ class Daemon:
     _vmms: dict[Backend, Vmm] = field(default_factory=dict)
     _backend: BackendChoice | None = None
     _kvm: tuple[bool, str] | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # set by serve(); worker threads reach the helper through it
 
     def authorize(self, peer: PeerCred) -> str | None:
         # The socket is 0600 and owned by the owner; this is the second lock on the door.
@@ -101,14 +103,37 @@ class Daemon:
             if backend == Backend.FIRECRACKER:
                 from banger.vmm.firecracker.backend import FirecrackerVmm
 
-                vmm = FirecrackerVmm(firecracker_bin=self._firecracker_bin())
+                vmm = FirecrackerVmm(firecracker_bin=self._firecracker_bin(), jailer_bin=str(self.config.jailer_bin),
+                                     jail=self._jail_setup())
             else:
                 from banger.vmm.qemu.backend import QemuVmm
 
                 qemu_bin = str(self.config.qemu_bin) if self.config.qemu_bin else None
-                vmm = QemuVmm(qemu_bin=qemu_bin, accel="kvm" if self._kvm_runs_guests()[0] else "tcg")
+                from banger.daemon.vmplan import VHOST_VSOCK_BASENAME, find_vhost_vsock
+
+                vmm = QemuVmm(qemu_bin=qemu_bin, accel="kvm" if self._kvm_runs_guests()[0] else "tcg",
+                              vhost_vsock_bin=find_vhost_vsock(self.config) or VHOST_VSOCK_BASENAME)
             self._vmms[backend] = vmm
         return vmm
+
+    def _jail_setup(self) -> JailSetup | None:
+        """The jailer runs Firecracker as the owner in a chroot, through the root helper. Only a system install
+        has a non-root owner to drop to (and taps owned by it); embedded mode, root's own, starts Firecracker
+        directly and says so."""
+        if not self.config.jailer_enabled:
+            return None
+        if self.layout.mode != "system" or self.owner_uid == 0:
+            log.info("firecracker starts without the jailer: embedded mode has no unprivileged owner to drop to")
+            return None
+        from banger.roothelper.client import HelperJailLauncher
+        from banger.vmm.firecracker.launcher import JailSetup
+
+        if self.loop is None:
+            from banger.errors import BangerError
+
+            raise BangerError("the daemon's event loop is not running; cannot reach the root helper")
+        return JailSetup(HelperJailLauncher(self.helper, self.loop), str(self.config.jailer_chroot_base),
+                         self.owner_uid, os.getgid())
 
     def _firecracker_bin(self) -> str | None:
         from banger.system.run import find_binary
@@ -169,6 +194,7 @@ async def serve(daemon: Daemon, socket_path: Path) -> None:
         logger=log,
     )
     paths.ensure_private_dir(socket_path.parent)
+    daemon.loop = asyncio.get_running_loop()
     await _start_dns(daemon)
     await daemon.vms.reconcile()
     await server.start(socket_path)

@@ -174,6 +174,18 @@ class VmService:
             cfg = self.d.config
             await self.d.helper.ensure_bridge(cfg.bridge_name, cfg.bridge_ip, cfg.cidr)
             self._bridge_ready = True
+            await self._wire_resolver()
+
+    async def _wire_resolver(self) -> None:
+        """Where systemd-resolved runs, send `.vm` lookups on the bridge's link to banger's DNS server.
+        Never fatal: VMs work by IP, and doctor explains the wiring when it is missing."""
+        cfg = self.d.config
+        try:
+            result = await self.d.helper.resolver_wire(cfg.bridge_name, f"127.0.0.1:{self.d.dns_port}")
+        except BangerError as exc:
+            log.warning("`.vm` names not wired into systemd-resolved", extra={"error": exc.message})
+            return
+        log.info("resolver wiring", extra={"bridge": cfg.bridge_name, "status": result.get("status")})
 
     async def _start_locked(self, vm: model.VmRecord, stage: Stage) -> model.VmRecord:
         from banger.daemon import vmdisks
@@ -430,22 +442,23 @@ class VmService:
         log.info("vm deleted", extra={"vm": vm.name, "vm_id": vm.id})
 
     def _kill_unrecorded_vmm(self, vm: model.VmRecord) -> None:
-        """A VMM launched just before the daemon died has a pidfile but no pid in the record."""
-        from banger.vmm.base import VmProcess
+        """A VMM launched just before the daemon died is running, but its pid never reached the record:
+        find it from the VM's run directory (each backend checks /proc, so a recycled pid is left alone)."""
+        from banger.vmm.base import Backend
 
         if vm.runtime.get("pid"):
             return
-        run_dir = self.d.layout.runtime_dir / "vms" / vm.short_id
-        pidfile = run_dir / "qemu.pid"
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return
-        vmm = self.vmm(vm.runtime)
-        if vmm.alive(pid):
-            proc = VmProcess(vm_id=vm.id, pid=pid, run_dir=run_dir, control_socket=run_dir / "qmp.sock",
-                             pidfile=pidfile, stderr_log=run_dir / "qemu.stderr.log", sockets=())
-            vmm.kill(proc)
+        recorded = vmplan.parse_backend(str(vm.runtime.get("vmm") or "qemu"))
+        for backend in (recorded, *(b for b in Backend if b != recorded)):
+            try:
+                vmm = self.d.vmm_for(backend)
+            except BangerError:  # that backend is not installed: it cannot have launched anything
+                continue
+            proc = vmm.adopt(vm.id, self.run_dir(vm))
+            if proc is not None:
+                log.info("killing the VMM of an interrupted create", extra={"vm": vm.name, "pid": proc.pid})
+                vmm.kill(proc)
+                return
 
     # --- daemon start ------------------------------------------------------------------------------
     async def reconcile(self) -> None:
@@ -454,7 +467,7 @@ class VmService:
             if vm.runtime.get("creating"):
                 log.info("removing a vm whose create was interrupted", extra={"vm": vm.name})
                 async with self.lock(vm.id):
-                    self._kill_unrecorded_vmm(vm)
+                    await asyncio.to_thread(self._kill_unrecorded_vmm, vm)
                     await self._delete_locked(vm)
                 continue
             if vm.state != model.VmState.RUNNING and not vm.runtime.get("tap"):

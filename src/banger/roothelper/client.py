@@ -50,6 +50,10 @@ class PrivilegedOps(Protocol):
 
     async def nat_list(self) -> list[dict[str, Any]]: ...
 
+    async def resolver_wire(self, bridge: str, dns_addr: str) -> dict[str, Any]: ...
+
+    async def resolver_unwire(self, bridge: str) -> dict[str, Any]: ...
+
     async def jail_stage(self, request: JailRequest) -> dict[str, Any]: ...
 
     async def jail_launch(self, vm_id: str, console_log: Path) -> dict[str, Any]: ...
@@ -110,6 +114,13 @@ class HelperClient:
 
     async def delete_bridge(self, name: str) -> dict[str, Any]:
         return await self._call_dict("priv.delete_bridge", {"name": name})
+
+    async def resolver_wire(self, bridge: str, dns_addr: str) -> dict[str, Any]:
+        """Route `~vm` on the bridge link to banger's DNS server, where systemd-resolved runs."""
+        return await self._call_dict("priv.resolver_wire", {"bridge": bridge, "dns_addr": dns_addr})
+
+    async def resolver_unwire(self, bridge: str) -> dict[str, Any]:
+        return await self._call_dict("priv.resolver_unwire", {"bridge": bridge})
 
     async def signal_process(self, pid: int, signal: str) -> dict[str, Any]:
         return await self._call_dict("priv.signal_process", {"pid": pid, "signal": signal})

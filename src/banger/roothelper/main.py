@@ -195,6 +195,12 @@ async def serve(settings: Settings) -> None:
         raise BangerError(f"another bangerd-root is already serving {settings.socket_path}",
                           hint="stop it first, or pass another --socket")
     prepare_socket_dir(settings.socket_path.parent, dedicated=settings.dedicated_socket_dir)
+    from banger.roothelper.devices import ensure_tun_mode
+
+    with contextlib.suppress(OSError):
+        changed = ensure_tun_mode(settings.owner_uid)
+        if changed:
+            log.warning(changed)
     cfg = ops.HelperConfig(owner_uid=settings.owner_uid, roots=settings.roots, owner_gid=settings.owner_gid,
                            chroot_base=settings.chroot_base, jailer_bin=settings.jailer_bin)
     handlers: dict[str, Handler] = {name: functools.partial(fn, cfg) for name, fn in ops.METHODS.items()}

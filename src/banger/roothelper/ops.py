@@ -22,7 +22,7 @@ from typing import Any
 
 from banger import __version__
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
-from banger.network import nat
+from banger.network import nat, resolver
 from banger.roothelper import jail, validate, validate_jail
 from banger.rpc.server import CallContext
 
@@ -430,4 +430,6 @@ METHODS: Mapping[str, MethodHandler] = {
     "priv.jail_stage": _jail_stage,
     "priv.jail_launch": _jail_launch,
     "priv.jail_cleanup": _jail_cleanup,
+    "priv.resolver_wire": resolver.handle_resolver_wire,
+    "priv.resolver_unwire": resolver.handle_resolver_unwire,
 }

@@ -274,7 +274,7 @@ def qemu_argv(spec: VmSpec, *, qemu_bin: str, accel: Accel, tsc_khz: int | None 
     return argv
 
 
-def vhost_vsock_argv(spec: VmSpec) -> list[str] | None:
+def vhost_vsock_argv(spec: VmSpec, binary: str = VHOST_VSOCK_BIN) -> list[str] | None:
     """The vhost-device-vsock backend serving `spec.vsock` (Firecracker's hybrid-vsock protocol), if any.
 
     It must be listening before QEMU starts (QEMU connects to it), and it does not exit with QEMU.
@@ -282,7 +282,7 @@ def vhost_vsock_argv(spec: VmSpec) -> list[str] | None:
     if spec.vsock is None:
         return None
     return [
-        VHOST_VSOCK_BIN,
+        binary,
         "--guest-cid", str(spec.vsock.cid),
         "--socket", str(runtime_paths(spec.run_dir).vhost_vsock_socket),
         "--uds-path", str(spec.vsock.uds_path),

@@ -15,6 +15,7 @@ after a daemon restart is watched through /proc instead.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -62,8 +63,8 @@ def _is_qemu(pidfile: Path, qmp_socket: Path) -> procs.Identify:
     return identify
 
 
-def _is_sidecar(socket: Path) -> procs.Identify:
-    return lambda pid: procs.runs(pid, _VHOST, str(socket))
+def _is_sidecar(socket: Path, names: frozenset[str] = _VHOST) -> procs.Identify:
+    return lambda pid: procs.runs(pid, names, str(socket))
 
 
 # --- the backend --------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class QemuVmm:
     `tsc_khz` defaults to the host's (0 disables `tsc_early_khz`)."""
 
     def __init__(self, *, qemu_bin: str | None = None, accel: Accel | None = None,
-                 tsc_khz: int | None = None) -> None:
+                 tsc_khz: int | None = None, vhost_vsock_bin: str = VHOST_VSOCK_BIN) -> None:
         if qemu_bin is None:
             qemu_bin = find_binary(QEMU_BASENAME)
             if qemu_bin is None:
@@ -88,6 +89,9 @@ class QemuVmm:
             self.accel_reason = "set explicitly"
         self.accel: Accel = accel
         self.tsc_khz = host_tsc_khz() if tsc_khz is None else (tsc_khz or None)
+        self.vhost_vsock_bin = vhost_vsock_bin
+        # A configured binary may have another name (a versioned file): recognise it by that too.
+        self._vhost_names = _VHOST | {os.path.basename(vhost_vsock_bin)}
 
     @property
     def backend(self) -> Backend:
@@ -107,7 +111,7 @@ class QemuVmm:
         if spec.agent_socket is not None:
             sockets.append(spec.agent_socket)
         sidecars: list[Sidecar] = []
-        sidecar_argv = vhost_vsock_argv(spec)
+        sidecar_argv = vhost_vsock_argv(spec, self.vhost_vsock_bin)
         if sidecar_argv is not None and spec.vsock is not None:
             sidecars.append(Sidecar(VHOST_VSOCK_BIN, tuple(sidecar_argv), paths.vhost_vsock_socket))
             sockets += [paths.vhost_vsock_socket, spec.vsock.uds_path]
@@ -248,7 +252,7 @@ class QemuVmm:
             pidfile=paths.pidfile,
             stderr_log=paths.stderr_log,
             sockets=procs.sockets_in(run_dir),
-            sidecar_pids=tuple(procs.find(_VHOST, str(paths.vhost_vsock_socket))),
+            sidecar_pids=tuple(procs.find(self._vhost_names, str(paths.vhost_vsock_socket))),
             started_at=procs.start_time(pid),
         )
 
@@ -259,5 +263,5 @@ class QemuVmm:
         for pid in proc.sidecar_pids:
             # Adopted after a daemon restart: only a vhost-device-vsock serving this VM's socket is ours.
             socket = runtime_paths(proc.run_dir).vhost_vsock_socket
-            procs.kill(proc, pid, _is_sidecar(socket), VHOST_VSOCK_BIN)
+            procs.kill(proc, pid, _is_sidecar(socket, self._vhost_names), VHOST_VSOCK_BIN)
         procs.remove(*proc.sockets, proc.pidfile)
