@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -101,7 +102,12 @@ def boot_kernel(e2e_cache_dir: Path) -> BootKernel:
 
     name = os.environ.get("BANGER_TEST_KERNEL") or DEFAULT_KERNEL
     mirror = os.environ.get("BANGER_TEST_DEBIAN_MIRROR") or DEFAULT_MIRROR
-    kernel_dir = e2e_cache_dir / "kernels" / name
+    # Keyed by the initramfs builder's source too: an initrd cached by an older checkout may lack what
+    # today's boot needs (a module, a loader change).
+    import banger.kernels.initrd as initrd_mod
+
+    builder = hashlib.sha256(Path(initrd_mod.__file__).read_bytes()).hexdigest()[:12]
+    kernel_dir = e2e_cache_dir / "kernels" / f"{name}-{builder}"
     debs = e2e_cache_dir / "debs"
     with _locked(e2e_cache_dir / "locks" / f"kernel-{name}"):
         manifest_path = kernel_dir / "manifest.json"
