@@ -53,6 +53,7 @@ class DoctorContext:
     firecracker_bin: str | None = None  # configured path; None: look it up on PATH
     qemu_bin: str = "qemu-system-x86_64"
     vhost_vsock_bin: str | None = None  # configured path; None: look it up on PATH
+    bridge_name: str = "br-fc"
     now: Callable[[], float] = time.time  # wall clock, for ages shown in details
     build: BuildInfo = field(default_factory=buildinfo.current)
     kvm_probe_timeout: float = 2.0

@@ -266,10 +266,19 @@ def check_dns_wiring(ctx: DoctorContext) -> CheckResult:
     serving = _dns_answers(host, port)
     details = [f"banger's DNS server on {host}:{port}: " + ("answers" if serving else "no answer (daemon stopped?)")]
     if resolver.resolved_active():
-        details.append("systemd-resolved: the root helper routes the `vm` domain to it while the bridge is up")
-        return CheckResult(name, "PASS" if serving else "WARN",
-                           "`<name>.vm` resolves through systemd-resolved" if serving
-                           else "banger's DNS server does not answer", tuple(details))
+        bridge = ctx.bridge_name
+        try:
+            routed = resolver.link_routing(bridge).routes_vm(f"{host}:{port}")
+        except BangerError:  # no such link yet: the bridge appears with the first VM
+            routed = False
+        details.append(f"systemd-resolved: link {bridge} " + ("routes `~vm` to banger" if routed else
+                       "does not route `~vm` to banger (wired when the daemon brings the bridge up)"))
+        ok = serving and routed
+        return CheckResult(name, "PASS" if ok else "WARN",
+                           "`<name>.vm` resolves through systemd-resolved" if ok
+                           else "`<name>.vm` is not wired into systemd-resolved yet" if serving
+                           else "banger's DNS server does not answer", tuple(details),
+                           hint=None if ok else "start a VM (the bridge comes up with it), or restart bangerd")
     details.extend(resolver.manual_instructions(port, host))
     return CheckResult(name, "WARN", "systemd-resolved is not running: `<name>.vm` needs the manual wiring below",
                        tuple(details))
