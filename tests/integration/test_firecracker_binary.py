@@ -1,7 +1,8 @@
 """The contract against a real Firecracker binary: banger's API calls are accepted, and a kernel boots.
 
-Runs only when a `firecracker` binary is on PATH or named by BANGER_FIRECRACKER_BIN; the boot test also
-needs BANGER_TEST_VMLINUX to name an ELF vmlinux. Otherwise the tests skip and say so.
+Runs only when a `firecracker` binary is on PATH or named by BANGER_FIRECRACKER_BIN (otherwise the tests
+skip and say so). The boot test boots BANGER_TEST_VMLINUX, or by default Debian's cloud kernel as banger
+extracts it.
 
 On the project's hosts /dev/kvm is PVM: a stock guest kernel prints its banner on the serial console and
 then stops. So the boot test asserts InstanceStart succeeding and the guest's "Linux version" line, no more.
@@ -41,10 +42,14 @@ def firecracker_binary() -> str:
     return found
 
 
-def vmlinux_or_skip() -> str:
+def vmlinux_for_test(work: Path) -> str:
+    """BANGER_TEST_VMLINUX, or else Debian's cloud kernel as banger extracts it (the package is cached)."""
     path = os.environ.get("BANGER_TEST_VMLINUX")
     if not path:
-        pytest.skip("BANGER_TEST_VMLINUX is not set to an ELF vmlinux; the real-binary boot test did not run")
+        from tests.e2e.banger_env import debian_kernel_files
+
+        debian_kernel_files("debian-12-cloud", work / "kernel")
+        return str(work / "kernel" / "vmlinux")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -183,9 +188,9 @@ def test_real_firecracker_accepts_every_configuration_call(firecracker: Firecrac
 
 
 @pytest.mark.vm
-def test_real_firecracker_boots_a_kernel_to_its_banner(firecracker: Firecracker) -> None:
+def test_real_firecracker_boots_a_kernel_to_its_banner(firecracker: Firecracker, tmp_path: Path) -> None:
     fc = firecracker
-    kernel = vmlinux_or_skip()
+    kernel = vmlinux_for_test(tmp_path)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("/dev/kvm is not accessible to this user; the real-binary boot test did not run")
     cfg = vm_config(fc, kernel)

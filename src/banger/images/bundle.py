@@ -11,7 +11,6 @@ a root filesystem tarball goes through the same rootless pipeline as every image
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import IO, Any
 
 from banger.errors import BadRequest, BangerError
 from banger.model import validate_artifact_name
-from banger.system.download import Progress, fetch_to
+from banger.system.download import Progress, fetch_to, sha256_file
 
 log = logging.getLogger("banger.images.bundle")
 
@@ -124,14 +123,6 @@ def pull_bundle(url: str, sha256: str, size: int, work: Path, out_dir: Path, max
         archive.unlink(missing_ok=True)  # as big as the image: free it before the work seed is built
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def make_bundle(rootfs_tar: Path, out_dir: Path, *, name: str, distro: str, arch: str, kernel_ref: str,
                 description: str = "", size_bytes: int | None = None, max_bytes: int = 8 << 30,
                 level: int = 19) -> Bundle:
@@ -161,7 +152,7 @@ def make_bundle(rootfs_tar: Path, out_dir: Path, *, name: str, distro: str, arch
         ext4.apply_metadata(rootfs, metadata)
         inject(rootfs, guest_files())
         manifest = {"name": name, "distro": distro, "arch": arch, "kernel_ref": kernel_ref,
-                    "description": description, "created_at": _now(), "source_sha256": _sha256_file(rootfs_tar)}
+                    "description": description, "created_at": _now(), "source_sha256": sha256_file(rootfs_tar)}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp = work / "bundle.tar.zst"
         with tmp.open("wb") as raw:
@@ -176,7 +167,7 @@ def make_bundle(rootfs_tar: Path, out_dir: Path, *, name: str, distro: str, arch
                     info.mode = 0o644
                     with (work / member).open("rb") as handle:
                         tar.addfile(info, handle)
-        digest = _sha256_file(tmp)
+        digest = sha256_file(tmp)
         final = out_dir / f"{name}-{arch}-{digest[:SHA_PREFIX_LEN]}.tar.zst"
         os.replace(tmp, final)
     finally:

@@ -37,6 +37,7 @@ from banger.images.guestfiles import guest_files
 from banger.images.inject import inject
 from banger.images.progress import BuildReporter, Silent
 from banger.images.workseed import build_work_seed
+from banger.system.download import sha256_file
 from banger.system.run import find_binary, run, spawn
 
 if TYPE_CHECKING:
@@ -75,8 +76,6 @@ CUSTOMIZE_HOOKS: tuple[str, ...] = (
     # on the fly when something needs it, and nothing does without cryptsetup.
     'rm -f "$1/usr/lib/systemd/system/system-systemd\\x2dcryptsetup.slice"',
 )
-
-
 
 
 @dataclass(frozen=True)
@@ -127,14 +126,6 @@ class Canceled(BangerError):
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------- mmdebstrap
@@ -285,7 +276,7 @@ def _cached_tar(cache_dir: Path, variant: GoldenVariant) -> tuple[Path, dict[str
         return None
     if not tar.is_file() or not isinstance(meta, dict) or meta.get("key") != variant.cache_key():
         return None
-    if tar.stat().st_size != meta.get("size") or _sha256_file(tar) != meta.get("sha256"):
+    if tar.stat().st_size != meta.get("size") or sha256_file(tar) != meta.get("sha256"):
         log.warning("cached %s does not match its record; building again", tar)
         tar.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
@@ -328,7 +319,7 @@ def _obtain_tar(variant: GoldenVariant, mirror: str, work_dir: Path, cache_dir: 
     built = work_dir / "rootfs.tar.zst"
     run_mmdebstrap(variant, mirror, built, work_dir, reporter=reporter, cancel=cancel)
     meta = {"key": variant.cache_key(), "built_at": _now(), "mirror": mirror, "size": built.stat().st_size,
-            "sha256": _sha256_file(built), "packages": list(variant.packages)}
+            "sha256": sha256_file(built), "packages": list(variant.packages)}
     if cache_dir is None:
         return built, meta, False
     return _store_in_cache(cache_dir, variant, built, meta), meta, False

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from banger.kernels.debian import DEFAULT_KEYRING, DebPackage, extract_deb, fetc
 from banger.kernels.initrd import build_mini_initrd
 from banger.kernels.vmlinux import extract_vmlinux
 from banger.model import validate_artifact_name
-from banger.system.download import Progress
+from banger.system.download import Progress, sha256_file
 
 log = logging.getLogger("banger.kernels")
 
@@ -256,14 +255,6 @@ class KernelArtifacts:
     manifest: dict[str, Any]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _obtain_deb(
     mirror: str,
     pkg: DebPackage,
@@ -277,7 +268,7 @@ def _obtain_deb(
         return fetch_deb(mirror, pkg, work, max_bytes, progress=progress)
     cached = cache_dir / f"{pkg.sha256}.deb"
     if cached.is_file():
-        if cached.stat().st_size == pkg.size and _sha256_file(cached) == pkg.sha256:
+        if cached.stat().st_size == pkg.size and sha256_file(cached) == pkg.sha256:
             log.info("using cached %s", cached)
             return cached
         log.warning("cached %s does not match its sha256; downloading again", cached)

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from banger.errors import BadRequest, BangerError
 from banger.model import validate_artifact_name
-from banger.system.download import Progress, fetch_to
+from banger.system.download import Progress, fetch_to, sha256_file
 
 log = logging.getLogger("banger.kernels.tarball")
 
@@ -332,16 +332,6 @@ def pull_tarball_kernel(
     return installed
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_kernel(
     name: str, source: Path, dest_dir: Path, *, distro: str, arch: str, kernel_version: str, max_bytes: int
 ) -> InstalledKernel:
@@ -363,7 +353,7 @@ def import_kernel(
         copy_tree(source, staging, max_bytes)
         manifest: dict[str, Any] = {
             "name": name, "distro": distro, "arch": arch, "kernel_version": kernel_version,
-            "source": f"import:{source}", "sha256": _sha256_file(staging / VMLINUX), "imported_at": _now(),
+            "source": f"import:{source}", "sha256": sha256_file(staging / VMLINUX), "imported_at": _now(),
         }
         installed = _install_staging(staging, dest_dir, manifest)
     except BaseException:

@@ -28,6 +28,15 @@ log = logging.getLogger("banger.download")
 Progress = Callable[[int, int | None], None]
 
 _CHUNK = 1 << 16
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 _SCHEMES = ("http", "https", "file")
 
 

@@ -17,7 +17,6 @@ version a no-op and lets `banger doctor` name the version.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from banger.errors import BadRequest, BangerError, NotFound
 from banger.kernels import debian
-from banger.system.download import Progress
+from banger.system.download import Progress, sha256_file
 from banger.system.run import run
 
 log = logging.getLogger("banger.hosttools")
@@ -74,14 +73,6 @@ def record_path(binary: Path) -> Path:
     return binary.with_name(binary.name + RECORD_SUFFIX)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def installed_version(binary: Path) -> str | None:
     """The Debian version recorded by `install` for `binary`, if `binary` is still the file it installed.
 
@@ -90,7 +81,7 @@ def installed_version(binary: Path) -> str | None:
     try:
         record = json.loads(record_path(binary).read_text())
         version, digest = record["version"], record["sha256"]
-        if isinstance(version, str) and isinstance(digest, str) and _sha256(binary) == digest:
+        if isinstance(version, str) and isinstance(digest, str) and sha256_file(binary) == digest:
             return version
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -220,7 +211,7 @@ def install(
         staged = _stage(member, dest_dir, tool.name)
         try:
             _smoke_test(staged, tool, pkg.version, suite)
-            digest = _sha256(staged)
+            digest = sha256_file(staged)
             os.replace(staged, target)
         finally:
             staged.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
 import json
 import os
 import pwd
@@ -28,6 +27,7 @@ from banger import paths
 from banger.errors import BadRequest, BangerError, NotFound
 from banger.system import installmeta, supervise, units
 from banger.system.atomic import atomic_replace, remove_backup
+from banger.system.download import sha256_file
 from banger.system.installmeta import InstallMeta
 
 PROGRAMS: Final = ("banger", "bangerd", "bangerd-root")
@@ -39,14 +39,6 @@ Say = Callable[[str], None]
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise BangerError(f"{what} needs root", hint=f"run `sudo banger {what.removeprefix('banger ')}`")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_file_atomic(path: Path, text: str, mode: int = 0o644) -> None:

@@ -18,7 +18,6 @@ import argparse
 import base64
 import contextlib
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from banger.errors import BangerError
+from banger.system.download import sha256_file
 from banger.update import manifest as manifest_mod
 from banger.update.stage import RELEASE_JSON, WHEELS_DIR, ReleaseInfo
 
@@ -176,14 +176,6 @@ def write_archive(path: Path, info: ReleaseInfo, wheel_dir: Path, mtime: int) ->
             _tar_bytes(tar, name, data, mtime)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_tarball(checkout: Path, version: str, out_dir: Path, *, wheelhouse: Path | None = None,
                   test_fault: str | None = None) -> BuiltRelease:
     """Build `out_dir/banger-<version>-linux-amd64.tar.gz` from `checkout`."""
@@ -210,13 +202,13 @@ def build_tarball(checkout: Path, version: str, out_dir: Path, *, wheelhouse: Pa
         info = ReleaseInfo(
             version=version, commit=commit, built_at=built_at,
             python=f"{sys.version_info.major}.{sys.version_info.minor}",
-            wheels=tuple((w.name, _sha256(w)) for w in sorted(wheels.glob("*.whl"))),
+            wheels=tuple((w.name, sha256_file(w)) for w in sorted(wheels.glob("*.whl"))),
         )
         tarball = out_dir / manifest_mod.tarball_name(version)
         partial = tarball.with_name(tarball.name + ".part")
         write_archive(partial, info, wheels, epoch)
         os.replace(partial, tarball)
-    return BuiltRelease(tarball, _sha256(tarball), tarball.stat().st_size, info)
+    return BuiltRelease(tarball, sha256_file(tarball), tarball.stat().st_size, info)
 
 
 def sign(data: bytes, private_key_pem: bytes) -> bytes:
