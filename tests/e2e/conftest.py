@@ -18,11 +18,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.banger_env import BangerNetns
 
 DEFAULT_CACHE = "/var/tmp/banger-test-cache"
 DEFAULT_KERNEL = "debian-12-cloud"
@@ -208,3 +211,16 @@ def e2e_rootfs(boot_kernel: BootKernel, tmp_path_factory: pytest.TempPathFactory
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "e2e", "-d", str(tree), str(image), "32M"],
                    check=True, capture_output=True)
     return image
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[BangerNetns]:
+    """A whole banger in a network namespace of its own with the default image pulled, one per module."""
+    e = BangerNetns()
+    try:
+        started = time.monotonic()
+        e.pull_image("debian-bookworm")
+        print(f"\nimage pull: {time.monotonic() - started:.1f}s")
+        yield e
+    finally:
+        e.close()

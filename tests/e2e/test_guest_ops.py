@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,22 +30,15 @@ VM = "ops"
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[BangerNetns]:
-    e = BangerNetns()
-    try:
-        started = time.monotonic()
-        e.pull_image("debian-bookworm")
-        print(f"\nimage pull: {time.monotonic() - started:.1f}s")
-        for cmd in (["tuntap", "add", "dev", "uplink0", "mode", "tun"], ["link", "set", "uplink0", "up"],
-                    ["addr", "add", "198.51.100.1/24", "dev", "uplink0"],
-                    ["route", "add", "default", "dev", "uplink0"]):
-            subprocess.run(["ip", "-n", e.ns, *cmd], check=True)
-        started = time.monotonic()
-        e.banger("vm", "create", "--name", VM, check=True)
-        print(f"vm create {VM}: {time.monotonic() - started:.1f}s")
-        yield e
-    finally:
-        e.close()
+def env(env: BangerNetns) -> BangerNetns:
+    """conftest's env, plus an uplink for the tooling tests and the VM every test here uses."""
+    for cmd in (["tuntap", "add", "dev", "uplink0", "mode", "tun"], ["link", "set", "uplink0", "up"],
+                ["addr", "add", "198.51.100.1/24", "dev", "uplink0"], ["route", "add", "default", "dev", "uplink0"]):
+        subprocess.run(["ip", "-n", env.ns, *cmd], check=True)
+    started = time.monotonic()
+    env.banger("vm", "create", "--name", VM, check=True)
+    print(f"vm create {VM}: {time.monotonic() - started:.1f}s")
+    return env
 
 
 def bx(env: BangerNetns, *args: str, stdin: str | bytes = b"", timeout: float = 300) -> subprocess.CompletedProcess[bytes]:

@@ -39,18 +39,6 @@ STEP_S = 90.0
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[=>()][0-9A-Za-z]?")
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[BangerNetns]:
-    e = BangerNetns()
-    try:
-        started = time.monotonic()
-        e.pull_image("debian-bookworm")
-        print(f"\nimage pull: {time.monotonic() - started:.1f}s")
-        yield e
-    finally:
-        e.close()
-
-
 def _take_controlling_tty() -> None:
     # Runs in the child after setsid (start_new_session): fd 0 is the pty slave; make it our terminal.
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)

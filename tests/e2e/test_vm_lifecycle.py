@@ -7,8 +7,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,18 +18,6 @@ from tests.e2e.banger_env import BangerNetns
 
 pytestmark = [pytest.mark.vm, pytest.mark.network,
               pytest.mark.skipif(os.getuid() != 0, reason="VM tests need root (embedded mode, namespaces)")]
-
-
-@pytest.fixture(scope="module")
-def env() -> Iterator[BangerNetns]:
-    e = BangerNetns()
-    try:
-        started = time.monotonic()
-        e.pull_image("debian-bookworm")
-        print(f"\nimage pull: {time.monotonic() - started:.1f}s")
-        yield e
-    finally:
-        e.close()
 
 
 def _no_vm_leftovers(env: BangerNetns) -> None:
@@ -53,6 +41,28 @@ def test_run_rm_echo_ok(env: BangerNetns) -> None:
 def test_exit_status_propagates(env: BangerNetns) -> None:
     proc = env.banger("vm", "run", "--rm", "--", "sh", "-c", "exit 42")
     assert proc.returncode == 42, proc.stderr
+    _no_vm_leftovers(env)
+
+
+def test_run_command_goes_through_the_agent_and_streams_stdin(env: BangerNetns) -> None:
+    """Without a terminal, `vm run -- cmd` runs through the guest agent, not sshd (no SSH_CONNECTION):
+    stdin reaches the command, stderr stays apart, and the command's end ends the run even while
+    stdin stays open (as with ssh)."""
+    script = 'echo "ssh=${SSH_CONNECTION:-none} cwd=$PWD"; cat; echo done >&2; exit 3'
+    proc = env.banger("vm", "run", "--rm", "--", "sh", "-c", script, input="from stdin\n")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "ssh=none cwd=/root\nfrom stdin\n"
+    assert proc.stderr.endswith("done\n"), proc.stderr
+    read_end, write_end = os.pipe()  # a stdin that never reaches EOF
+    try:
+        started = time.monotonic()
+        held = subprocess.run(env.exec_argv([sys.executable, "-m", "banger", "vm", "run", "--rm", "--", "true"]),
+                              env=env.env, stdin=read_end, capture_output=True, text=True, timeout=300)
+        print(f"vm run --rm -- true with an open stdin: {time.monotonic() - started:.1f}s")
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert held.returncode == 0, held.stderr
     _no_vm_leftovers(env)
 
 

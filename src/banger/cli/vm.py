@@ -350,6 +350,15 @@ def _run(args: argparse.Namespace) -> int:
         raise
     name = vm["name"]
     try:
+        if workspace is not None:
+            guest.run_prepare(workspace, name, args, background=not command and not args.detach)
+        tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
+        if command and not tty:
+            from banger.cli.agentrun import run_via_agent
+
+            rc = run_via_agent(vm, command, workspace.guest_path if workspace is not None else "/root")
+            if rc is not None:
+                return rc
         info = _ssh_info(name)
         try:
             _wait_ssh(info)
@@ -359,12 +368,9 @@ def _run(args: argparse.Namespace) -> int:
                 f"vm {name} booted but SSH did not come up: {exc.message}",
                 hint=f"sshd is the likely suspect: see `banger vm logs {name}`; the VM is still running "
                      f"for inspection (`banger vm delete {name}` to clean up)") from None
-        if workspace is not None:
-            guest.run_prepare(workspace, name, args, background=not command and not args.detach)
         if args.detach:
             print(f"{name} is running at {vm['guest_ip']} ({name}.vm); connect with `banger vm ssh {name}`")
             return 0
-        tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
         remote = command
         if workspace is not None:
             remote = guest.in_workspace(command, workspace.guest_path) if command else \

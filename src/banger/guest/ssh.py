@@ -236,7 +236,9 @@ def wait_for_ssh(
     def pause() -> None:
         time.sleep(max(0.0, min(probe_interval, remaining())))
 
-    stage = "tcp"
+    # Without `scan` the daemon has also seen sshd listen (through the agent): no TCP probe, which would
+    # cost the guest a forked sshd child (about half a second of its CPU under emulation).
+    stage = "tcp" if scan else "ssh"
     while remaining() > 0:
         if stage == "tcp":
             problem = _tcp_banner(ip, port, min(2.0, max(0.1, remaining()))) or ""
