@@ -265,6 +265,10 @@ def test_nat_on_and_off_seen_from_upstream(env: BangerNetns) -> None:
             env.banger("vm", "set", "natty", "--nat", check=True)
             again = env.banger("vm", "ssh", "natty", "--", "python3", "-c", GUEST_PROBE, check=True).stdout.strip()
             assert again == "you are 10.203.0.1"
+            rows = {r["name"]: r for r in json.loads(env.banger("doctor", "--json").stdout)}
+            assert rows["nftables"]["summary"].startswith("`ip banger` table with "), rows["nftables"]
+            assert "0 rule(s)" not in rows["nftables"]["summary"]
+            assert rows["bridge and tap pool"]["summary"].startswith(f"bridge {env.bridge} up with "), rows
         finally:
             env.banger("vm", "delete", "natty", timeout=120)
         rules = sp.run(["ip", "netns", "exec", env.ns, "nft", "list", "ruleset"], capture_output=True, text=True,

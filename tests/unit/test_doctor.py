@@ -490,6 +490,10 @@ EXPECTED_ROWS = [
     "ssh config include",
     "images and kernels",
     "vm DNS",
+    "devices",
+    "bridge and tap pool",
+    "nftables",
+    "work seeds",
 ]
 
 
@@ -577,3 +581,42 @@ def test_to_json_and_exit_code() -> None:
 def test_results_are_frozen() -> None:
     with pytest.raises(AttributeError):
         SAMPLE[0].status = "FAIL"  # type: ignore[misc]
+
+
+# --- host state rows (pure verdicts) ------------------------------------------------------------------
+
+def test_devices_verdicts() -> None:
+    from banger.doctor.host_checks import DeviceAccess, devices_result
+
+    tun_root_only = DeviceAccess("/dev/net/tun", True, 0o600, 0, 0)
+    tun_open = DeviceAccess("/dev/net/tun", True, 0o666, 0, 0)
+    kvm_group = DeviceAccess("/dev/kvm", True, 0o660, 0, 108)
+    missing = DeviceAccess("/dev/kvm", False)
+    r = devices_result(tun_root_only, kvm_group, "the owner dev", 1000, [1000])
+    assert (r.status, r.summary) == ("WARN", "the owner dev cannot open /dev/net/tun: VMs cannot attach their taps")
+    assert r.hint is not None and "0666" in r.hint
+    r = devices_result(tun_open, kvm_group, "the owner dev", 1000, [1000])
+    assert (r.status, r.summary) == ("WARN", "the owner dev cannot open /dev/kvm: KVM is out of reach, QEMU uses TCG")
+    r = devices_result(tun_open, kvm_group, "the owner dev", 1000, [1000, 108])
+    assert (r.status, r.summary) == ("PASS", "the owner dev can open /dev/net/tun and /dev/kvm")
+    assert devices_result(tun_open, missing, "x", 1000, []).summary == "x can open /dev/net/tun"
+    assert devices_result(DeviceAccess("/dev/net/tun", False), missing, "x", 1000, []).status == "FAIL"
+    assert devices_result(tun_root_only, kvm_group, "root", 0, [0]).status == "PASS"
+
+
+def test_bridge_nat_and_seed_verdicts() -> None:
+    from banger.doctor.host_checks import bridge_result, nat_result, seeds_result
+
+    assert bridge_result("br-fc", False, False, [], 4).summary == \
+        "bridge br-fc not created yet (it comes up with the first VM)"
+    down = bridge_result("br-fc", True, False, ["tap-pool-0"], 4)
+    assert (down.status, down.hint) == ("WARN", "`ip link set br-fc up`, or restart bangerd")
+    up = bridge_result("br-fc", True, True, ["tap-pool-1", "tap-pool-0"], 4)
+    assert (up.status, up.summary, up.details[0]) == ("PASS", "bridge br-fc up with 2 tap(s)",
+                                                      "taps on br-fc: tap-pool-0, tap-pool-1")
+    assert nat_result(True, 3, True).summary == "`ip banger` table with 3 rule(s) for VMs with --nat"
+    assert nat_result(True, None, False).summary == "no `ip banger` table: no VM has --nat right now"
+    seeds = seeds_result(["a", "b"], ["b"])
+    assert (seeds.status, seeds.details) == ("WARN", ("b",))
+    assert seeds_result(["a"], []).summary == "all 1 image(s) have a work seed"
+

@@ -32,6 +32,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     firecracker_bin: str | None = None
     vhost_vsock_bin: str | None = None
     bridge_name = "br-fc"
+    tap_pool_size = 4
     qemu_bin = "qemu-system-x86_64"
     config_error: str | None = None
     try:
@@ -51,9 +52,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         qemu_bin = str(cfg.qemu_bin) if cfg.qemu_bin else qemu_bin
         vhost_vsock_bin = str(cfg.vhost_vsock_bin) if cfg.vhost_vsock_bin else None
         bridge_name = cfg.bridge_name
+        tap_pool_size = cfg.tap_pool_size
     ctx = DoctorContext(layout=layout, vm_defaults_rows=rows, store_inspector=_store_status,
                         firecracker_bin=firecracker_bin, qemu_bin=qemu_bin, vhost_vsock_bin=vhost_vsock_bin,
-                        bridge_name=bridge_name)
+                        bridge_name=bridge_name, tap_pool_size=tap_pool_size)
     results = doctor.run_checks(ctx)
     if config_error is not None:
         results.insert(0, doctor.CheckResult("config", "FAIL", config_error,

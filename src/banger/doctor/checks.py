@@ -54,6 +54,7 @@ class DoctorContext:
     qemu_bin: str = "qemu-system-x86_64"
     vhost_vsock_bin: str | None = None  # configured path; None: look it up on PATH
     bridge_name: str = "br-fc"
+    tap_pool_size: int = 4
     now: Callable[[], float] = time.time  # wall clock, for ages shown in details
     build: BuildInfo = field(default_factory=buildinfo.current)
     kvm_probe_timeout: float = 2.0
@@ -498,6 +499,7 @@ def check_runtime_dir(ctx: DoctorContext) -> CheckResult:
 
 
 # The checks of a system install and of each capability live in install_checks (they use the types above).
+from banger.doctor import host_checks as _host  # noqa: E402
 from banger.doctor import install_checks as _install  # noqa: E402
 
 CHECKS: tuple[Callable[[DoctorContext], CheckResult], ...] = (
@@ -523,4 +525,5 @@ CHECKS: tuple[Callable[[DoctorContext], CheckResult], ...] = (
     _install.check_ssh_config_include,
     _install.check_images_and_kernels,
     _install.check_dns_wiring,
+    *_host.CHECKS,
 )
