@@ -150,7 +150,8 @@ def test_bad_config_stops_daemon_with_one_line(emb: Embedded) -> None:
     emb.config_file.parent.mkdir(parents=True)
     emb.config_file.write_text('bridge_name = "eth0"\n')
     line = one_line_error(emb.run("vm", "list"))
-    assert line == (f"banger: bangerd failed to start: {emb.config_file}: bridge_name \"eth0\" is not allowed "
+    # The helper starts first and reads config.toml too (jailer settings): it is the one that says so.
+    assert line == (f"banger: bangerd-root failed to start: {emb.config_file}: bridge_name \"eth0\" is not allowed "
                     '(must be "br-fc" or start with "br-fc-")')
     assert not (emb.runtime_dir / "bangerd.sock").exists()
 

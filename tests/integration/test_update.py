@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.system.download import sha256_file
 from banger.update import release
 from tests.e2e.banger_env import CONFIG, debian_kernel_files, golden_tarball, qemu_pids_under
 from tests.integration.conftest import SystemUser
@@ -98,7 +99,7 @@ class Site:
         d = self.root / version
         name = f"banger-{version}-linux-amd64.tar.gz"
         (d / name).write_bytes(tarball_bytes)
-        built = release.BuiltRelease(d / name, release._sha256(d / name), len(tarball_bytes),
+        built = release.BuiltRelease(d / name, sha256_file(d / name), len(tarball_bytes),
                                      _info_of(d / name))
         release.publish_dir(built, self.root, self.keys.private_key.read_bytes(), latest=None)
 
