@@ -368,7 +368,8 @@ def _agent_channel(env: BangerNetns) -> tuple[str, Path]:
 
 
 def test_agent_refuses_an_unknown_protocol_version(env: BangerNetns) -> None:
-    from banger.guest.agent_client import AgentClient, AgentVersionMismatch
+    from banger.guest.agent_client import AgentClient
+    from banger.guest.agent_wire import AgentVersionMismatch
 
     transport, sock = _agent_channel(env)
     if transport == "serial":

@@ -23,7 +23,8 @@ import pytest
 
 from banger.errors import AlreadyExists, BangerError
 from banger.guest import agent as agent_module
-from banger.guest.agent_client import AgentClient, AgentUnavailable, wait_ready
+from banger.guest.agent_client import AgentClient, wait_ready
+from banger.guest.agent_wire import AgentUnavailable
 from banger.model import new_id
 from banger.vmm.base import DriveSpec, Sidecar, VmProcess, VmSpec, VsockSpec
 from banger.vmm.qemu import qmp

@@ -30,14 +30,8 @@ import pytest
 
 import banger.guest
 from banger.errors import AlreadyExists, BadRequest, NotFound
-from banger.guest.agent_client import (
-    AgentClient,
-    AgentUnavailable,
-    AgentVersionMismatch,
-    encode_frame,
-    pop_frame,
-    wait_ready,
-)
+from banger.guest.agent_client import AgentClient, wait_ready
+from banger.guest.agent_wire import AgentUnavailable, AgentVersionMismatch, encode_frame, pop_frame
 
 AGENT = Path(banger.guest.__file__).parent / "agent.py"
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

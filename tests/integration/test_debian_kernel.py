@@ -27,7 +27,8 @@ import pytest
 
 from banger.errors import BangerError, NotFound
 from banger.kernels.catalog import DebianKernel, load_catalog, pull_debian_kernel
-from banger.kernels.debian import DebPackage, fetch_deb, resolve_kernel_package
+from banger.kernels.debian import fetch_deb, resolve_kernel_package
+from banger.kernels.debian_index import DebPackage
 from banger.kernels.initrd import CpioEntry, write_newc
 from banger.kernels.vmlinux import pvh_entry
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from banger.errors import BadRequest, BangerError
-from banger.kernels import debian
+from banger.kernels import debian, debian_index
 from banger.system import hosttools
 from banger.system.download import fetch_to
 from banger.system.hosttools import VHOST_VSOCK
@@ -33,7 +33,7 @@ SUITE = "sid"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _expired(release: debian.Release) -> bool:
+def _expired(release: debian_index.Release) -> bool:
     return release.valid_until is not None and datetime.now(UTC) > release.valid_until
 
 
@@ -49,7 +49,7 @@ def test_install_from_the_real_mirror(tmp_path: Path, capsys: pytest.CaptureFixt
     allow = False
     try:
         result = hosttools.install(VHOST_VSOCK, dest, mirror=MIRROR, suite=SUITE, work_root=work)
-    except debian.ExpiredRelease as exc:
+    except debian_index.ExpiredRelease as exc:
         # A frozen mirror (this machine's serves sid metadata past its Valid-Until): refused by default,
         # saying how to accept it; then accepted explicitly, with signature and checksums still checked.
         assert "expired at" in exc.message and exc.hint is not None and "--allow-expired" in exc.hint
@@ -101,7 +101,7 @@ def test_install_from_the_real_mirror(tmp_path: Path, capsys: pytest.CaptureFixt
 @dataclass(frozen=True)
 class LocalCopy:
     root: Path
-    pkg: debian.DebPackage
+    pkg: debian_index.DebPackage
     index_files: tuple[Path, ...]
     allow_expired: bool
 
@@ -127,7 +127,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> LocalCopy:
     dists.mkdir(parents=True)
     release = debian.fetch_release(MIRROR, SUITE, debian.DEFAULT_KEYRING, work_dir=work)
     shutil.copy2(work / "InRelease", dists / "InRelease")
-    index = debian.packages_index(release, "main", "amd64")
+    index = debian_index.packages_index(release, "main", "amd64")
     directory = dists / index.path.rsplit("/", 1)[0]
     (directory / "by-hash" / "SHA256").mkdir(parents=True)
     fetched = fetch_to(f"{MIRROR}/dists/{SUITE}/{index.path}", work, max_bytes=index.size, sha256=index.sha256,
@@ -136,7 +136,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> LocalCopy:
     shutil.copy2(fetched, plain)
     shutil.copy2(fetched, by_hash)
     text = debian.fetch_packages_text(root.as_uri(), SUITE, release, "amd64", work_dir=work)
-    pkg = debian.select_package(text, VHOST_VSOCK.package)
+    pkg = debian_index.select_package(text, VHOST_VSOCK.package)
     deb = root / pkg.filename
     deb.parent.mkdir(parents=True)
     shutil.copy2(debian.fetch_deb(MIRROR, pkg, work, hosttools.MAX_DEB_BYTES), deb)

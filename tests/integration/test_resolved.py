@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from banger.kernels import debian
+from banger.kernels import debian, debian_index
 from banger.system.download import fetch_to
 
 pytestmark = [
@@ -79,9 +79,9 @@ def _cache() -> Path:
 
 def _verified_packages_text(work: Path) -> str:
     inrelease = fetch_to(f"{MIRROR}/dists/{SUITE}/InRelease", work, max_bytes=debian.INRELEASE_MAX_BYTES)
-    release = debian.parse_release(debian.verify_inrelease(inrelease, debian.DEFAULT_KEYRING, work))
-    debian.check_release(release, SUITE, datetime.now(UTC))
-    index = debian.packages_index(release, "main", "amd64")
+    release = debian_index.parse_release(debian.verify_inrelease(inrelease, debian.DEFAULT_KEYRING, work))
+    debian_index.check_release(release, SUITE, datetime.now(UTC))
+    index = debian_index.packages_index(release, "main", "amd64")
     assert index.path.endswith(".xz"), index.path
     packed = fetch_to(f"{MIRROR}/dists/{SUITE}/{index.path}", work, max_bytes=index.size,
                       sha256=index.sha256, size=index.size)
@@ -89,25 +89,25 @@ def _verified_packages_text(work: Path) -> str:
 
 
 def _by_version(a: dict[str, str], b: dict[str, str]) -> int:
-    return debian.compare_versions(a["Version"], b["Version"])
+    return debian_index.compare_versions(a["Version"], b["Version"])
 
 
 def _stanza(text: str, name: str, version: str | None = None) -> dict[str, str]:
     """The index stanza of `name` (at `version`, else the highest) for amd64."""
-    stanzas = [s for s in debian.find_stanzas(text, lambda n: n == name)
+    stanzas = [s for s in debian_index.find_stanzas(text, lambda n: n == name)
                if s.get("Architecture") == "amd64" and version in (None, s.get("Version"))]
     assert stanzas, f"{name} {version or ''} is not in the verified {SUITE} index"
     return max(stanzas, key=functools.cmp_to_key(_by_version))
 
 
-def _deb(stanza: dict[str, str]) -> debian.DebPackage:
+def _deb(stanza: dict[str, str]) -> debian_index.DebPackage:
     filename = stanza["Filename"]
     assert not filename.startswith("/") and ".." not in filename.split("/"), filename
-    return debian.DebPackage(stanza["Package"], stanza["Version"], filename, stanza["SHA256"].lower(),
+    return debian_index.DebPackage(stanza["Package"], stanza["Version"], filename, stanza["SHA256"].lower(),
                              int(stanza["Size"]))
 
 
-def _cached_deb(pkg: debian.DebPackage, work: Path) -> Path:
+def _cached_deb(pkg: debian_index.DebPackage, work: Path) -> Path:
     """The .deb from the cache when its sha256 still matches the verified index, else downloaded."""
     cached = _cache() / "debs" / f"{pkg.sha256}.deb"
     if cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == pkg.sha256:
@@ -132,7 +132,7 @@ def resolved_tree(tmp_path_factory: pytest.TempPathFactory) -> ResolvedTree:
     work = tmp_path_factory.mktemp("resolved-work")
     text = _verified_packages_text(work)
     stanza = _stanza(text, "systemd-resolved")
-    needs = [rel for group in debian.parse_relations(stanza.get("Depends", ""))
+    needs = [rel for group in debian_index.parse_relations(stanza.get("Depends", ""))
              for rel in group if rel.name == "libsystemd-shared"]
     assert needs and needs[0].op == "=", f"systemd-resolved's Depends names no exact libsystemd-shared: {needs}"
     lib_version = needs[0].version

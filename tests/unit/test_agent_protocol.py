@@ -14,9 +14,9 @@ import pytest
 
 from banger.errors import AlreadyExists, BadRequest, BangerError, NotFound
 from banger.guest import agent
-from banger.guest.agent_client import (
+from banger.guest.agent_client import AgentClient
+from banger.guest.agent_wire import (
     MAX_FRAME,
-    AgentClient,
     AgentProtocolError,
     AgentUnavailable,
     AgentVersionMismatch,

@@ -15,10 +15,10 @@ import pytest
 
 from banger.errors import BangerError, NotFound
 from banger.kernels import catalog as cat
-from banger.kernels.debian import (
+from banger.kernels.debian import check_gpgv_output
+from banger.kernels.debian_index import (
     DebPackage,
     Relation,
-    check_gpgv_output,
     check_release,
     compare_versions,
     packages_index,

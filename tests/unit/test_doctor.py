@@ -13,7 +13,7 @@ import pytest
 
 from banger import doctor
 from banger.buildinfo import BuildInfo
-from banger.doctor import checks
+from banger.doctor import checks, tool_checks
 from banger.doctor.checks import CheckResult, DoctorContext
 from banger.paths import Layout
 from banger.system import kvm_probe
@@ -87,16 +87,16 @@ def test_architecture() -> None:
     ],
 )
 def test_parse_version(text: str, expected: tuple[int, int, int] | None) -> None:
-    assert checks.parse_version(text) == expected
+    assert tool_checks.parse_version(text) == expected
 
 
 def test_qemu_classification() -> None:
-    assert checks.qemu_result(QEMU_72, "/usr/bin/qemu-system-x86_64").status == "PASS"
-    assert checks.qemu_result(QEMU_10, "/q").status == "PASS"  # 10 > 7 numerically, not as text
-    old = checks.qemu_result(QEMU_62, "/q")
+    assert tool_checks.qemu_result(QEMU_72, "/usr/bin/qemu-system-x86_64").status == "PASS"
+    assert tool_checks.qemu_result(QEMU_10, "/q").status == "PASS"  # 10 > 7 numerically, not as text
+    old = tool_checks.qemu_result(QEMU_62, "/q")
     assert old.status == "WARN"
     assert "6.2.0" in old.summary
-    assert checks.qemu_result("garbage", "/q").status == "WARN"
+    assert tool_checks.qemu_result("garbage", "/q").status == "WARN"
 
 
 @pytest.mark.parametrize(
@@ -115,49 +115,49 @@ def test_qemu_classification() -> None:
     ],
 )
 def test_firecracker_ranges(version: str, status: str) -> None:
-    result = checks.firecracker_result(f"Firecracker v{version}\n\n", "/usr/local/bin/firecracker")
+    result = tool_checks.firecracker_result(f"Firecracker v{version}\n\n", "/usr/local/bin/firecracker")
     assert result.status == status
     assert version in result.summary
 
 
 def test_missing_qemu_fails_in_both_rows(tmp_path: Path) -> None:
     ctx = ctx_for(tmp_path, qemu_bin="/nonexistent/qemu")
-    boot = checks.check_tools_vm_boot(ctx)
+    boot = tool_checks.check_tools_vm_boot(ctx)
     assert boot.status == "FAIL"
     assert "/nonexistent/qemu" in boot.summary
     assert boot.hint is not None and "apt-get install qemu-system-x86" in boot.hint
-    version = checks.check_qemu(ctx)
+    version = tool_checks.check_qemu(ctx)
     assert version.status == "FAIL"
     assert version.hint is not None and "qemu-system-x86" in version.hint
 
 
 def test_qemu_version_from_a_real_binary(tmp_path: Path) -> None:
     old = fake_tool(tmp_path / "bin", "qemu-old", f"printf '{QEMU_62}'")
-    assert checks.check_qemu(ctx_for(tmp_path, qemu_bin=old)).status == "WARN"
+    assert tool_checks.check_qemu(ctx_for(tmp_path, qemu_bin=old)).status == "WARN"
     broken = fake_tool(tmp_path / "bin", "qemu-broken", "echo boom >&2; exit 3")
-    result = checks.check_qemu(ctx_for(tmp_path, qemu_bin=broken))
+    result = tool_checks.check_qemu(ctx_for(tmp_path, qemu_bin=broken))
     assert result.status == "WARN"
     assert "boom" in result.summary
     installed = find_binary("qemu-system-x86_64")
     if installed is not None:  # the host's own QEMU, through banger.system.run
-        real = checks.check_qemu(ctx_for(tmp_path))
+        real = tool_checks.check_qemu(ctx_for(tmp_path))
         assert real.status in ("PASS", "WARN")
         assert real.details[0] == installed
 
 
 def test_firecracker_binary(tmp_path: Path) -> None:
-    missing = checks.check_firecracker(ctx_for(tmp_path, firecracker_bin="/nonexistent/firecracker"))
+    missing = tool_checks.check_firecracker(ctx_for(tmp_path, firecracker_bin="/nonexistent/firecracker"))
     assert missing.status == "WARN"
     assert missing.hint is not None and "firecracker_bin" in missing.hint
     for version, status in (("1.14.2", "PASS"), ("1.4.0", "FAIL"), ("1.16.1", "WARN")):
         path = fake_tool(tmp_path / "bin", f"fc-{version}", f"echo 'Firecracker v{version}'; echo")
-        result = checks.check_firecracker(ctx_for(tmp_path, firecracker_bin=path))
+        result = tool_checks.check_firecracker(ctx_for(tmp_path, firecracker_bin=path))
         assert result.status == status, result
         assert result.details == (path, f"Firecracker v{version}")
 
 
 def test_firecracker_not_on_path_is_a_warning(tmp_path: Path) -> None:
-    result = checks.check_firecracker(ctx_for(tmp_path))
+    result = tool_checks.check_firecracker(ctx_for(tmp_path))
     if find_binary("firecracker") is None:
         assert result.status == "WARN"
         assert result.hint is not None and "no distro package" in result.hint
@@ -171,7 +171,7 @@ INSTALL_CMD = "sudo banger internal install-vhost-vsock"
 
 
 def test_agent_transport_result_pass_names_version_and_path() -> None:
-    recorded = checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", recorded="0.3.0-2",
+    recorded = tool_checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", recorded="0.3.0-2",
                                              version_text="vhost-device-vsock 0.3.0\n")
     assert recorded.status == "PASS"
     assert recorded.summary == "vsock via vhost-device-vsock 0.3.0-2 (/usr/local/bin/vhost-device-vsock)"
@@ -179,22 +179,22 @@ def test_agent_transport_result_pass_names_version_and_path() -> None:
                                 "installed by banger internal install-vhost-vsock")
     assert recorded.hint is None
     # Installed some other way: the version comes from --version.
-    other = checks.agent_transport_result("/usr/bin/vhost-device-vsock", version_text="vhost-device-vsock 0.2.1\n")
+    other = tool_checks.agent_transport_result("/usr/bin/vhost-device-vsock", version_text="vhost-device-vsock 0.2.1\n")
     assert (other.status, other.summary) == ("PASS", "vsock via vhost-device-vsock 0.2.1 (/usr/bin/vhost-device-vsock)")
-    odd = checks.agent_transport_result("/opt/v", version_text="no digits here\n")
+    odd = tool_checks.agent_transport_result("/opt/v", version_text="no digits here\n")
     assert (odd.status, odd.summary) == ("PASS", "vsock via vhost-device-vsock (unknown version) (/opt/v)")
 
 
 def test_agent_transport_result_warns_with_the_install_command() -> None:
-    missing = checks.agent_transport_result(None)
+    missing = tool_checks.agent_transport_result(None)
     assert missing.status == "WARN"
     assert missing.summary == "virtio-serial fallback (vhost-device-vsock not found)"
     assert missing.hint == f"for the vsock transport, install it: {INSTALL_CMD}"
-    configured = checks.agent_transport_result(None, configured="/opt/vhost")
+    configured = tool_checks.agent_transport_result(None, configured="/opt/vhost")
     assert configured.status == "WARN"
     assert configured.summary == "virtio-serial fallback (vhost_vsock_bin /opt/vhost is not an executable file)"
     assert configured.hint is not None and INSTALL_CMD in configured.hint and "vhost_vsock_bin" in configured.hint
-    broken = checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", error="GLIBC_2.38 not found")
+    broken = tool_checks.agent_transport_result("/usr/local/bin/vhost-device-vsock", error="GLIBC_2.38 not found")
     assert broken.status == "WARN"
     assert broken.summary == ("virtio-serial fallback (/usr/local/bin/vhost-device-vsock does not run: "
                               "GLIBC_2.38 not found)")
@@ -203,19 +203,19 @@ def test_agent_transport_result_warns_with_the_install_command() -> None:
 
 def test_agent_transport_check_runs_the_configured_binary(tmp_path: Path) -> None:
     good = fake_tool(tmp_path / "bin", "vhost-device-vsock", "echo 'vhost-device-vsock 0.3.0'")
-    result = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good))
+    result = tool_checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good))
     assert (result.status, result.summary) == ("PASS", f"vsock via vhost-device-vsock 0.3.0 ({good})")
     # A record written by install-vhost-vsock names the Debian version, but only for the file it installed.
     record = Path(good + ".version")
     digest = hashlib.sha256(Path(good).read_bytes()).hexdigest()
     record.write_text(json.dumps({"version": "0.3.0-2", "sha256": digest}))
-    assert checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0-2 ({good})")
+    assert tool_checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0-2 ({good})")
     record.write_text(json.dumps({"version": "0.3.0-2", "sha256": "0" * 64}))
-    assert checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0 ({good})")
+    assert tool_checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=good)).summary.endswith(f"0.3.0 ({good})")
     broken = fake_tool(tmp_path / "bin", "vhost-broken", "echo 'version GLIBC_2.38 not found' >&2; exit 1")
-    result = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=broken))
+    result = tool_checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=broken))
     assert result.status == "WARN" and "does not run" in result.summary and "GLIBC_2.38" in result.summary
-    missing = checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=str(tmp_path / "none")))
+    missing = tool_checks.check_agent_transport(ctx_for(tmp_path, vhost_vsock_bin=str(tmp_path / "none")))
     assert missing.status == "WARN" and "is not an executable file" in missing.summary
 
 
@@ -385,9 +385,9 @@ def test_probe_verdict_failures() -> None:
 def test_tools_rows_match_the_host(tmp_path: Path) -> None:
     ctx = ctx_for(tmp_path)
     for check, tools in (
-        (checks.check_tools_disks, ("mkfs.ext4", "debugfs", "truncate")),
-        (checks.check_tools_networking, ("ip", "nft")),
-        (checks.check_tools_guest_access, ("ssh", "ssh-keygen")),
+        (tool_checks.check_tools_disks, ("mkfs.ext4", "debugfs", "truncate")),
+        (tool_checks.check_tools_networking, ("ip", "nft")),
+        (tool_checks.check_tools_guest_access, ("ssh", "ssh-keygen")),
     ):
         result = check(ctx)
         missing = [t for t in tools if find_binary(t) is None]
@@ -396,13 +396,13 @@ def test_tools_rows_match_the_host(tmp_path: Path) -> None:
 
 
 def test_missing_optional_tool_warns_with_apt_hint() -> None:
-    result = checks.tools_result(
+    result = tool_checks.tools_result(
         "golden image build", ("/nonexistent/mmdebstrap", "truncate"), required=False
     )
     assert result.status == "WARN"
     assert result.summary.startswith("missing: /nonexistent/mmdebstrap")
     assert result.hint == "install them: apt-get install mmdebstrap"
-    required = checks.tools_result("disks", ("/nonexistent/mkfs.ext4", "/nonexistent/debugfs"), required=True)
+    required = tool_checks.tools_result("disks", ("/nonexistent/mkfs.ext4", "/nonexistent/debugfs"), required=True)
     assert required.status == "FAIL"
     assert required.hint == "install them: apt-get install e2fsprogs"  # one package, named once
 

@@ -26,7 +26,8 @@ from banger.rpc.protocol import Params
 
 if TYPE_CHECKING:
     from banger.daemon.app import Daemon
-    from banger.guest.agent_client import AgentClient, DirEntry, ExecHandle, ExitStatus
+    from banger.guest.agent_client import AgentClient, ExecHandle
+    from banger.guest.agent_wire import DirEntry, ExitStatus
     from banger.rpc.server import CallContext
 
 log = logging.getLogger("banger.guestops")
@@ -250,7 +251,7 @@ async def vm_exec(d: Daemon, ctx: CallContext, raw: dict[str, Any]) -> Any:
 
     Returns `{exit_code, signal, timed_out}`, or `{agent_unavailable, reason, cwd}` before anything ran
     when the guest has no usable agent (the CLI then falls back to SSH)."""
-    from banger.guest.agent_client import AgentUnavailable, AgentVersionMismatch
+    from banger.guest.agent_wire import AgentUnavailable, AgentVersionMismatch
 
     p = Params(raw, allowed={"ref", "argv", "env", "cwd", "stdin_b64", "stdin_path", "timeout"})
     vm = running_vm(d, p.get_str("ref", required=True))
@@ -358,7 +359,7 @@ async def vm_ports(d: Daemon, ctx: CallContext, raw: dict[str, Any]) -> Any:
 
 def guest_entry(agent: AgentClient, path: str) -> DirEntry | None:
     """What is at a guest path (not following a final symlink), or None if nothing is."""
-    from banger.guest.agent_client import DirEntry
+    from banger.guest.agent_wire import DirEntry
 
     pure = PurePosixPath(path)
     if str(pure) == "/":

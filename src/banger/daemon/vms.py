@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger import model, namegen
-from banger.daemon import vmplan
+from banger.daemon import vmguest, vmplan
 from banger.errors import BadRequest, BangerError, NotFound
 from banger.network import ipam
 
@@ -213,10 +213,10 @@ class VmService:
             vm = self.save(replace(vm, state=model.VmState.RUNNING, runtime=runtime, last_error=""))
             self.d.dns_set(vm.name, vm.guest_ip)
             await _enter(stage, "waiting for guest agent")
-            await self._wait_agent(vm, proc.pid, Path(runtime["console_log"]))
+            await vmguest.wait_agent(self, vm, proc.pid, Path(runtime["console_log"]))
             await _enter(stage, "waiting for guest")
-            await self._wait_guest(vm, proc.pid, Path(runtime["console_log"]))
-            if await asyncio.to_thread(self._pin_via_agent, vm):
+            await vmguest.wait_guest(self, vm, proc.pid, Path(runtime["console_log"]))
+            if await asyncio.to_thread(vmguest.pin_via_agent, self, vm):
                 runtime["host_key_pinned"] = True
                 vm = self.save(replace(vm, runtime=runtime))
             stage("running")
@@ -240,91 +240,6 @@ class VmService:
         """The backend a VM was launched with, from its runtime record (QEMU for records older than
         that choice)."""
         return self.d.vmm_for(vmplan.parse_backend(str(runtime.get("vmm") or "qemu")))
-
-    async def _wait_agent(self, vm: model.VmRecord, pid: int, console: Path) -> None:
-        """Until the guest agent answers health, watching the VMM. An image without the agent (registered
-        by hand, older builds) is not an error: the SSH wait that follows is the readiness check then."""
-        import time
-
-        from banger.guest.agent_client import AgentVersionMismatch
-
-        deadline = time.monotonic() + self.d.config.ssh_wait_timeout
-        vmm = self.vmm(vm.runtime)
-        endpoint = self.agent_endpoint(vm)
-        while time.monotonic() < deadline:
-            if not vmm.alive(pid):
-                raise BangerError(f"vm {vm.name!r} stopped while booting: {_tail_lines(console, 6)}",
-                                  hint=f"the full console is in {console}")
-            try:
-                await asyncio.to_thread(self.d.agents.connect, vm.id, endpoint, time.monotonic() + 3.0)
-                return
-            except AgentVersionMismatch:
-                raise
-            except BangerError:
-                if "banger: guest ready" in _tail_lines(console, 3):
-                    log.info("guest is up without an agent", extra={"vm": vm.name})
-                    return
-
-    def _pin_via_agent(self, vm: model.VmRecord) -> bool:
-        """Pin the guest's SSH host key as read through the agent: a local channel no one on the network
-        can stand in, so this is stronger than trust-on-first-use, and the client skips its key scan."""
-        from banger.guest import knownhosts
-
-        try:
-            data, _ = self.d.agents.get(vm.id, self.agent_endpoint(vm), timeout=3.0).read_file(
-                "/etc/ssh/ssh_host_ed25519_key.pub")
-            fields = data.decode("ascii", "replace").split()
-            if len(fields) < 2:
-                return False
-            knownhosts.pin(self.d.layout.known_hosts, f"{vm.name}.vm", [f"{fields[0]} {fields[1]}"],
-                           vm_name=vm.name)
-            return True
-        except BangerError as exc:
-            log.info("host key not pinned through the agent", extra={"vm": vm.name, "error": exc.message})
-            return False
-
-    async def _wait_guest(self, vm: model.VmRecord, pid: int, console: Path) -> None:
-        """Until the guest's sshd accepts TCP, watching the VMM: a guest that dies during boot is
-        reported at once with the end of its console, instead of after the SSH deadline. Past the
-        deadline the VM is left running for the caller's own SSH wait to report on."""
-        import time
-
-        deadline = time.monotonic() + self.d.config.ssh_wait_timeout
-        vmm = self.vmm(vm.runtime)
-        ask_agent = True
-        while time.monotonic() < deadline:
-            if not vmm.alive(pid):
-                tail = _tail_lines(console, 6)
-                raise BangerError(f"vm {vm.name!r} stopped while booting: {tail}",
-                                  hint=f"the full console is in {console}")
-            if ask_agent:
-                listening = await asyncio.to_thread(self._sshd_listening, vm)
-                if listening:
-                    return
-                if listening is False:
-                    await asyncio.sleep(0.1)
-                    continue
-                ask_agent = False  # no agent to ask: probe the port from outside
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(vm.guest_ip, 22), 1.0)
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.2)
-                continue
-            writer.close()
-            return
-        log.warning("guest did not open port 22 before the deadline", extra={"vm": vm.name})
-
-    def _sshd_listening(self, vm: model.VmRecord) -> bool | None:
-        """Whether the guest listens on TCP port 22, asked through the agent; None without an agent.
-
-        Asking from inside instead of connecting from outside matters under emulation: every TCP
-        connection makes sshd fork and re-exec a child that costs the guest about half a second of CPU,
-        right when the first real SSH session wants it."""
-        try:
-            sockets = self.d.agents.get(vm.id, self.agent_endpoint(vm), timeout=2.0).ports(timeout=5.0)
-        except BangerError:
-            return None
-        return any(s.proto == "tcp" and s.port == 22 for s in sockets)
 
     def _launch(self, vm: model.VmRecord, image: model.ImageRecord, runtime: dict[str, Any]) -> VmProcess:
         backend = vmplan.parse_backend(str(runtime["vmm"]))
@@ -372,40 +287,6 @@ class VmService:
     def control_dir(self) -> Path:
         return self.d.layout.runtime_dir / "ssh"
 
-    def _guest_poweroff(self, vm: model.VmRecord) -> bool:
-        """Ask the guest to power off, through its agent or else over SSH; True if it accepted."""
-        try:
-            self.d.agents.get(vm.id, self.agent_endpoint(vm), timeout=3.0).poweroff(timeout=5.0)
-            return True
-        except BangerError as exc:
-            log.info("guest poweroff through the agent failed", extra={"vm": vm.name, "error": exc.message})
-        return self._ssh_poweroff(vm)
-
-    def _ssh_poweroff(self, vm: model.VmRecord) -> bool:
-        """Ask the guest to power off over SSH (systemd or banger's fast init); True if it accepted.
-
-        ACPI power-button events need a listener in the guest, which a small init does not have, so
-        the guest is asked directly, like the original banger does.
-        """
-        from banger.guest import knownhosts, ssh
-        from banger.system.run import run
-
-        cfg = self.d.config
-        alias = f"{vm.name}.vm"
-        try:
-            if not knownhosts.lookup(self.d.layout.known_hosts, alias):
-                knownhosts.pin(self.d.layout.known_hosts, alias, knownhosts.scan_host_key(vm.guest_ip, timeout=3),
-                               vm_name=vm.name)
-            script = ("sync; if [ -d /run/systemd/system ]; then systemctl --no-block poweroff; "
-                      "else kill -TERM 1; fi")
-            argv = ssh.ssh_argv(vm.guest_ip, key=cfg.ssh_key_path, known_hosts=self.d.layout.known_hosts,
-                                host_alias=alias, command=["sh", "-c", script], tty=False, control_dir=None,
-                                connect_timeout=3)
-            return run(argv, check=False, timeout=10).returncode == 0
-        except BangerError as exc:
-            log.info("guest poweroff over ssh failed", extra={"vm": vm.name, "error": exc.message})
-            return False
-
     async def _stop_locked(self, vm: model.VmRecord, *, force: bool = False) -> model.VmRecord:
         runtime = dict(vm.runtime)
         proc = vmplan.proc_from_runtime(vm.id, runtime)
@@ -414,7 +295,7 @@ class VmService:
             if force or not vmm.alive(proc.pid):
                 await asyncio.to_thread(vmm.kill, proc)
             else:
-                asked = await asyncio.to_thread(self._guest_poweroff, vm)
+                asked = await asyncio.to_thread(vmguest.guest_poweroff, self, vm)
                 await asyncio.to_thread(vmm.stop, proc, STOP_GRACE if asked else 3.0)
         await self._teardown(vm, runtime)
         for key in vmplan.PROC_KEYS:
@@ -519,11 +400,3 @@ async def _enter(stage: Stage, name: str) -> None:
     wanted, _, seconds = os.environ.get("BANGER_TEST_STAGE_DELAY", "").partition("=")
     if wanted == name and seconds:
         await asyncio.sleep(float(seconds))
-
-
-def _tail_lines(path: Path, count: int) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no console output)"
-    return " | ".join(lines[-count:]) or "(no console output)"

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from banger.errors import BangerError, NotFound
 from banger.kernels import debian
-from banger.kernels.debian import DEFAULT_KEYRING, DebPackage
-from banger.system.download import fetch_to
+from banger.kernels.debian import DEFAULT_KEYRING
+from banger.kernels.debian_index import DebPackage, check_release, select_package
 from banger.system.run import find_binary, run, spawn
 
 if TYPE_CHECKING:
@@ -72,24 +72,14 @@ def config_text(name: str) -> bytes:
 def resolve_source_package(mirror: str, suite: str, package: str, *, keyring: Path, work_dir: Path,
                            arch: str = "amd64") -> DebPackage:
     """`package` (Architecture: all) from `suite`'s verified Packages index: binary-all, else binary-<arch>."""
-    base = mirror.rstrip("/")
-    dists = f"{base}/dists/{suite}"
-    inrelease = fetch_to(f"{dists}/InRelease", work_dir, max_bytes=debian.INRELEASE_MAX_BYTES)
-    release = debian.parse_release(debian.verify_inrelease(inrelease, keyring, work_dir))
-    debian.check_release(release, suite, datetime.now(UTC))
+    release = debian.fetch_release(mirror, suite, keyring, work_dir=work_dir)
+    check_release(release, suite, datetime.now(UTC))
     for index_arch in ("all", arch):
         try:
-            index = debian.packages_index(release, "main", index_arch)
+            text = debian.fetch_packages_text(mirror, suite, release, index_arch, work_dir=work_dir)
+            return select_package(text, package, arch)
         except NotFound:
-            continue
-        directory = index.path.rsplit("/", 1)[0]
-        urls = [f"{dists}/{directory}/by-hash/SHA256/{index.sha256}"] if release.acquire_by_hash else []
-        urls.append(f"{dists}/{index.path}")
-        text = debian._decompress_index(debian._fetch_first(urls, work_dir, index), index.path)
-        stanzas = [s for s in debian.find_stanzas(text, lambda n: n == package)
-                   if s.get("Architecture") in ("all", arch)]
-        if stanzas:
-            return debian._deb_package(debian._highest(stanzas))
+            continue  # no such index in the Release, or no such package in it (downloads raise no NotFound)
     raise NotFound(f"package {package!r} not found in {suite}'s main index")
 
 

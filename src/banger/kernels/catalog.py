@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from banger.errors import BadRequest, BangerError, NotFound
-from banger.kernels.debian import DEFAULT_KEYRING, DebPackage, extract_deb, fetch_deb, resolve_kernel_package
+from banger.kernels.debian import DEFAULT_KEYRING, extract_deb, fetch_deb, resolve_kernel_package
+from banger.kernels.debian_index import DebPackage
 from banger.kernels.initrd import build_mini_initrd
 from banger.kernels.vmlinux import extract_vmlinux
 from banger.model import validate_artifact_name

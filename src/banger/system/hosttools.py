@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from banger.errors import BadRequest, BangerError, NotFound
-from banger.kernels import debian
+from banger.kernels import debian, debian_index
 from banger.system.download import Progress, sha256_file
 from banger.system.run import run
 
@@ -180,17 +180,17 @@ def install(
         release = debian.fetch_release(mirror, suite, keyring, work_dir=work)
         now = datetime.now(UTC)
         try:
-            debian.check_release(release, suite, now, allow_expired=allow_expired)
-        except debian.ExpiredRelease as exc:
-            raise debian.ExpiredRelease(exc.message, hint="the mirror is stale or replays old metadata: try "
-                                        "another mirror, or accept it with --allow-expired (the signature "
-                                        "and checksums are still checked)") from None
+            debian_index.check_release(release, suite, now, allow_expired=allow_expired)
+        except debian_index.ExpiredRelease as exc:
+            raise debian_index.ExpiredRelease(
+                exc.message, hint="the mirror is stale or replays old metadata: try another mirror, or accept "
+                "it with --allow-expired (the signature and checksums are still checked)") from None
         expired_at = release.valid_until if release.valid_until is not None and now > release.valid_until else None
         if expired_at is not None:
             log.info("accepting the %s Release that expired at %s", suite, expired_at.isoformat())
         text = debian.fetch_packages_text(mirror, suite, release, arch, work_dir=work)
         try:
-            pkg = debian.select_package(text, tool.package, arch)
+            pkg = debian_index.select_package(text, tool.package, arch)
         except NotFound as exc:
             raise NotFound(f"{exc.message} of {suite} at {mirror}") from None
         del text
