@@ -191,6 +191,11 @@ def stop_master(target_ip: str, *, host_alias: str, control_dir: Path, port: int
         check=False,
         timeout=10,
     )
+    # The master acknowledges `exit` before it removes its socket: wait briefly, so that a caller that
+    # deletes the VM (or its directory) next does not race it.
+    deadline = time.monotonic() + 2.0
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _tcp_banner(ip: str, port: int, timeout: float) -> str | None:
