@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -419,6 +420,13 @@ def test_pull_through_the_daemon() -> None:
         assert sorted(p.name for p in (emb.state_dir / "images").iterdir()) == [shown["id"]]  # no staging left
         kernels = json.loads(emb.run("kernel", "list", "--json", check=True).stdout)
         assert [k["name"] for k in kernels] == ["debian-12-cloud"]  # pulled on the way
+        # The text form names the boot files the kernel reference resolves to, and the work seed.
+        text = emb.run("image", "show", "debian-bookworm", check=True).stdout
+        rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.splitlines())
+        kdir = emb.state_dir / "kernels" / "debian-12-cloud"
+        assert rows["kernel path"] == f"{kdir / 'vmlinux'} (kernel debian-12-cloud)"
+        assert rows["initrd path"] == f"{kdir / 'initrd.img'} (kernel debian-12-cloud)"
+        assert rows["work seed path"] == str(image_dir / "work-seed.ext4")
 
         again = emb.run("image", "pull", "debian-bookworm")
         assert again.returncode != 0

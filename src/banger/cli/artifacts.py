@@ -27,9 +27,18 @@ def cmd_image_show(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(image)
         return 0
+    shown = dict(image)
+    ref = image.get("kernel_ref")
+    if ref and not image.get("kernel_path"):
+        # The boot files of a kernel reference live with the kernel: show where, not "-".
+        kernel = call("kernel.show", {"ref": ref})
+        for key, value in (("kernel_path", kernel.get("vmlinux_path") or kernel.get("kernel_path")),
+                           ("initrd_path", kernel.get("initrd_path")), ("modules_path", kernel.get("modules_path"))):
+            if value:
+                shown[key] = f"{value} (kernel {ref})"
     keys = ("id", "name", "managed", "source", "kernel_ref", "rootfs_path", "kernel_path", "initrd_path",
             "modules_path", "work_seed_path", "created_at")
-    print(output.kv_block([(k.replace("_", " "), image.get(k) if image.get(k) not in ("", None) else "-")
+    print(output.kv_block([(k.replace("_", " "), shown.get(k) if shown.get(k) not in ("", None) else "-")
                            for k in keys]))
     return 0
 
