@@ -211,8 +211,9 @@ def no_rpc(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import banger.cli.guest
     import banger.cli.lifecycle
     import banger.cli.vm
+    import banger.cli.workspace
 
-    for module in (banger.cli.lifecycle, banger.cli.guest, banger.cli.vm):
+    for module in (banger.cli.lifecycle, banger.cli.guest, banger.cli.vm, banger.cli.workspace):
         monkeypatch.setattr(module, "call", refuse)
     return calls
 

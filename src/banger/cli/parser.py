@@ -181,7 +181,7 @@ def build() -> argparse.ArgumentParser:
                        "  banger vm workspace export dev --output guest.patch && git apply guest.patch")
     ws_sub = workspace.add_subparsers(dest="workspace_command", metavar="<command>", parser_class=BangerParser)
     p = _cmd(ws_sub, "prepare", "copy a repository into a VM (replaces an earlier workspace there)",
-             "banger.cli.guest:cmd_workspace_prepare",
+             "banger.cli.workspace:cmd_workspace_prepare",
              "examples:\n  banger vm workspace prepare dev .\n"
              "  banger vm workspace prepare dev . --branch try-x --from main")
     _complete(p.add_argument("vm", help="VM name or id"), "vm")
@@ -189,7 +189,7 @@ def build() -> argparse.ArgumentParser:
     _workspace_flags(p)
     _json(p)
     p = _cmd(ws_sub, "export", "the guest's changes since the workspace base, as a binary patch (non-mutating)",
-             "banger.cli.guest:cmd_workspace_export",
+             "banger.cli.workspace:cmd_workspace_export",
              "Guest commits past the base, uncommitted edits and untracked files (not ignored ones),\n"
              "as one patch for `git apply`.\n\n"
              "examples:\n  banger vm workspace export dev > guest.patch\n"

@@ -336,9 +336,9 @@ def _run(args: argparse.Namespace) -> int:
         raise BadRequest("-d/--detach and --rm cannot be combined (a detached VM is meant to stay)")
     if args.detach and command:
         raise BadRequest("-d/--detach cannot run a command; drop `-- <cmd>` or drop -d")
-    from banger.cli import guest
+    from banger.cli.workspace import in_workspace, run_preflight, run_prepare, shell_in
 
-    workspace = guest.run_preflight(args)  # `vm run ./repo`: every host check before any VM exists
+    workspace = run_preflight(args)  # `vm run ./repo`: every host check before any VM exists
     if workspace is not None and args.dry_run:
         return 0
     op_id = _begin_create(args)
@@ -351,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
     name = vm["name"]
     try:
         if workspace is not None:
-            guest.run_prepare(workspace, name, args, background=not command and not args.detach)
+            run_prepare(workspace, name, args, background=not command and not args.detach)
         tty = not command or (sys.stdin.isatty() and sys.stdout.isatty())
         if command and not tty:
             from banger.cli.agentrun import run_via_agent
@@ -373,8 +373,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         remote = command
         if workspace is not None:
-            remote = guest.in_workspace(command, workspace.guest_path) if command else \
-                guest.shell_in(workspace.guest_path)
+            remote = in_workspace(command, workspace.guest_path) if command else \
+                shell_in(workspace.guest_path)
         rc = _run_ssh(_ssh_argv(info, remote, tty))
         if not args.rm and not command:
             _reminder(name)

@@ -255,14 +255,14 @@ def build_handlers(d: Daemon) -> dict[str, Handler]:
         return await guestops.vm_ports(d, ctx, raw)
 
     async def vm_cp_push(ctx: CallContext, raw: dict[str, Any]) -> Any:
-        from banger.daemon import guestops
+        from banger.daemon import guestcp
 
-        return await guestops.vm_cp_push(d, ctx, raw)
+        return await guestcp.vm_cp_push(d, ctx, raw)
 
     async def vm_cp_pull(ctx: CallContext, raw: dict[str, Any]) -> Any:
-        from banger.daemon import guestops
+        from banger.daemon import guestcp
 
-        return await guestops.vm_cp_pull(d, ctx, raw)
+        return await guestcp.vm_cp_pull(d, ctx, raw)
 
     async def vm_workspace_prepare(ctx: CallContext, raw: dict[str, Any]) -> Any:
         from banger.daemon import workspace
