@@ -8,6 +8,7 @@ goes through that check, so a recycled pid is never killed and never mistaken fo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import stat
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from banger.errors import BangerError
-from banger.vmm.base import ChildHandle, VmProcess
+from banger.vmm.base import ChildHandle, StopOutcome, VmProcess
+
+log = logging.getLogger("banger.vmm")
 
 POLL = 0.05
 KILL_WAIT = 10.0  # SIGKILL'd processes normally vanish in milliseconds; longer means stuck in the kernel
@@ -161,6 +164,30 @@ def kill(proc: VmProcess, pid: int, identify: Identify, what: str) -> None:
             os.kill(pid, signal.SIGKILL)
     if wait_gone(proc, pid, identify, KILL_WAIT) is None:
         raise BangerError(f"{what} for VM {proc.vm_id} (pid {pid}) survived SIGKILL for {KILL_WAIT:g}s")
+
+
+def stop(proc: VmProcess, identify: Identify, *, what: str, request: str, ask: Callable[[], None],
+         finish: Callable[[], None], kill_vmm: Callable[[], None], timeout: float) -> StopOutcome:
+    """The graceful stop both backends share: `ask` the guest to power off (`request` names how, for the
+    log), wait up to `timeout` for the VMM (`what`) to end, else `kill_vmm`. `finish` cleans up after a
+    VMM that ended by itself."""
+    if poll(proc, proc.pid, identify) is not None:
+        finish()
+        return "gone"
+    try:
+        ask()
+    except BangerError as exc:
+        log.warning("VM %s: %s failed (%s); killing %s", proc.vm_id, request, exc.message, what)
+        kill_vmm()
+        return "killed"
+    ended = wait_gone(proc, proc.pid, identify, timeout)
+    if ended is not None:
+        log.info("VM %s powered off after %s (%s %s)", proc.vm_id, request, what, ended)
+        finish()
+        return "powerdown"
+    log.info("VM %s ignored %s for %gs; killing %s", proc.vm_id, request, timeout, what)
+    kill_vmm()
+    return "killed"
 
 
 def wait_running(proc: VmProcess, what: str, identify: Identify, probe: Callable[[float], str | None],

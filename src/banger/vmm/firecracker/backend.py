@@ -339,25 +339,13 @@ class FirecrackerVmm:
     # --- stop / kill / alive / adopt ----------------------------------------------------------------
 
     def stop(self, proc: VmProcess, timeout: float) -> StopOutcome:
-        identify = self._identify(proc.vm_id, proc.control_socket)
-        if procs.poll(proc, proc.pid, identify) is not None:
-            self._finish(proc)
-            return "gone"
-        try:
+        def ctrl_alt_del() -> None:
             with FirecrackerApi(proc.control_socket, timeout=min(max(timeout, 0.1), 5.0)) as api:
                 api.send_ctrl_alt_del()
-        except BangerError as exc:
-            log.warning("VM %s: Ctrl+Alt+Del failed (%s); killing Firecracker", proc.vm_id, exc.message)
-            self.kill(proc)
-            return "killed"
-        ended = procs.wait_gone(proc, proc.pid, identify, timeout)
-        if ended is not None:
-            log.info("VM %s shut down (Firecracker %s)", proc.vm_id, ended)
-            self._finish(proc)
-            return "powerdown"
-        log.info("VM %s ignored Ctrl+Alt+Del for %gs; killing Firecracker", proc.vm_id, timeout)
-        self.kill(proc)
-        return "killed"
+
+        return procs.stop(proc, self._identify(proc.vm_id, proc.control_socket), what="Firecracker",
+                          request="Ctrl+Alt+Del", ask=ctrl_alt_del, finish=lambda: self._finish(proc),
+                          kill_vmm=lambda: self.kill(proc), timeout=timeout)
 
     def kill(self, proc: VmProcess) -> None:
         if proc.pid:

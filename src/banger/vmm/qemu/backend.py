@@ -213,24 +213,9 @@ class QemuVmm:
     # --- stop / kill / adopt ------------------------------------------------------------------------
 
     def stop(self, proc: VmProcess, timeout: float) -> StopOutcome:
-        identify = _is_qemu(proc.pidfile, proc.control_socket)
-        if procs.poll(proc, proc.pid, identify) is not None:
-            self._finish(proc)
-            return "gone"
-        try:
-            qmp.system_powerdown(proc.control_socket, timeout=min(timeout, 5.0))
-        except BangerError as exc:
-            log.warning("VM %s: ACPI powerdown failed (%s); killing QEMU", proc.vm_id, exc.message)
-            self.kill(proc)
-            return "killed"
-        ended = procs.wait_gone(proc, proc.pid, identify, timeout)
-        if ended is not None:
-            log.info("VM %s powered off (QEMU %s)", proc.vm_id, ended)
-            self._finish(proc)
-            return "powerdown"
-        log.info("VM %s ignored the ACPI power button for %gs; killing QEMU", proc.vm_id, timeout)
-        self.kill(proc)
-        return "killed"
+        return procs.stop(proc, _is_qemu(proc.pidfile, proc.control_socket), what="QEMU", request="ACPI powerdown",
+                          ask=lambda: qmp.system_powerdown(proc.control_socket, timeout=min(timeout, 5.0)),
+                          finish=lambda: self._finish(proc), kill_vmm=lambda: self.kill(proc), timeout=timeout)
 
     def kill(self, proc: VmProcess) -> None:
         procs.kill(proc, proc.pid, _is_qemu(proc.pidfile, proc.control_socket), "QEMU")
