@@ -17,7 +17,10 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from banger.guest.agent_client import ExecHandle
 
 log = logging.getLogger("banger.cli.agentrun")
 
@@ -64,13 +67,12 @@ def _writer(stream: Any) -> Any:
     return write
 
 
-def _feed_stdin(handle: Any) -> None:
-    """Forward stdin until EOF (then close the command's stdin), or until the command has ended; no
-    stdin at all is an empty one."""
-    from banger.errors import BangerError
-
-    with contextlib.suppress(BangerError, OSError, ValueError, AttributeError):
-        fd = sys.stdin.fileno()
-        while data := os.read(fd, 65536):
-            handle.write_stdin(data)
-        handle.close_stdin()
+def _feed_stdin(handle: ExecHandle) -> None:
+    """Forward stdin as it arrives (unbuffered: one read, whatever is there) until EOF, then close the
+    command's stdin; or until the command has ended. No stdin at all is an empty one."""
+    source: Any
+    try:
+        source = os.fdopen(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    except (AttributeError, OSError, ValueError):
+        source = b""
+    handle.feed(source)

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -158,35 +158,20 @@ def guest_command(agent: AgentClient, argv: list[str], cancel: Cancel, *, cwd: s
     cancel.register(handle)
     try:
         if stdin is not None:
-            threading.Thread(target=_feed, args=(handle, stdin), daemon=True, name="agent-stdin").start()
+            threading.Thread(target=handle.feed, args=(stdin,), daemon=True, name="agent-stdin").start()
         return handle.wait()
     finally:
         cancel.forget(handle)
 
 
-def chunks(source: Any, cancel: Cancel | None = None, size: int = 128 * 1024) -> Iterator[bytes]:
-    """Bytes, a binary file or an iterable of chunks, as chunks; stops with an error once cancelled."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        parts: Iterable[bytes] = (data[i : i + size] for i in range(0, len(data), size))
-    elif callable(getattr(source, "read", None)):
-        parts = iter(lambda: bytes(source.read(size)), b"")
-    else:
-        parts = source
-    for part in parts:
+def chunks(source: Any, cancel: Cancel | None = None) -> Iterator[bytes]:
+    """The agent client's chunks of `source`, stopping with an error once cancelled."""
+    from banger.guest.agent_client import chunks as agent_chunks
+
+    for part in agent_chunks(source):
         if cancel is not None:
             cancel.check()
-        if part:
-            yield part
-
-
-def _feed(handle: ExecHandle, stdin: Any) -> None:
-    try:
-        for chunk in chunks(stdin):
-            handle.write_stdin(chunk)
-        handle.close_stdin()
-    except (BangerError, OSError, ValueError) as exc:
-        log.debug("stdin feed stopped: %s", exc)
+        yield part
 
 
 def guest_run(agent: AgentClient, argv: list[str], cancel: Cancel, *, what: str, cwd: str | None = None,

@@ -133,6 +133,16 @@ class ExecHandle:
         self._check_running()
         self._chan.send("stdin_eof")
 
+    def feed(self, stdin: StdinSource) -> None:
+        """All of `stdin`, then its end (meant for a thread of its own). A command that ends or a
+        source that fails stops the feed quietly: the command's exit status is what reports."""
+        try:
+            for chunk in chunks(stdin):
+                self.write_stdin(chunk)
+            self.close_stdin()
+        except (BangerError, OSError, ValueError) as exc:
+            log.debug("stdin feed stopped: %s", exc)
+
     def resize(self, rows: int, cols: int) -> None:
         self._chan.send("resize", rows=rows, cols=cols)
 
@@ -170,7 +180,8 @@ class ExecHandle:
         self.cancel()
 
 
-def _chunks(data: StdinSource) -> Iterable[bytes]:
+def chunks(data: StdinSource) -> Iterable[bytes]:
+    """Bytes, a binary file or an iterable of chunks, as non-empty chunks of at most CHUNK bytes."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
         return (raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK))
@@ -421,18 +432,9 @@ class AgentClient:
                 handle.write_stdin(bytes(stdin))
                 handle.close_stdin()
             elif stdin is not None:
-                threading.Thread(target=self._feed, args=(handle, stdin), daemon=True).start()
+                threading.Thread(target=handle.feed, args=(stdin,), daemon=True).start()
             # The agent enforces `timeout`; the margin here only guards against a stuck stream.
             return handle.wait(None if timeout is None else timeout + 30.0)
-
-    @staticmethod
-    def _feed(handle: ExecHandle, stdin: StdinSource) -> None:
-        try:
-            for chunk in _chunks(stdin):
-                handle.write_stdin(chunk)
-            handle.close_stdin()
-        except (BangerError, OSError, ValueError) as exc:
-            log.debug("stdin feed stopped: %s", exc)
 
     def run(self, argv: Sequence[str] | None = None, *, shell: str | None = None,
             env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: StdinSource | None = None,
@@ -470,7 +472,7 @@ class AgentClient:
         chan = self._open("file_write", {"path": path, "mode": mode, "uid": uid, "gid": gid, "atomic": atomic})
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for chunk in _chunks(data):
+            for chunk in chunks(data):
                 chan.poll_error()
                 chan.send("data", chunk)
             chan.send("eof")
